@@ -1,0 +1,781 @@
+"""The broker state machine: workers, services, slots, clients and timers, without sockets.
+
+Theory of operation
+-------------------
+The broker owns one ROUTER socket; the loop (``remoterl.broker.loop``) feeds every
+message it receives to :meth:`BrokerCore.receive` as ``(sender, frames, now)``, calls
+:meth:`BrokerCore.tick` when :meth:`BrokerCore.next_deadline` passes, and sends what
+:meth:`BrokerCore.messages_to_send` returns. Nothing here blocks, reads a clock or
+raises on what a peer sent: malformed input becomes an error reply (where the sender
+can be answered), a log line and a counter.
+
+Peers, told apart by frame 0 (see ``remoterl.protocol``):
+
+* **remoterl workers** (``RLW1``) announce the env ids they serve and how many slots
+  they host (READY). A slot is one live env instance on one worker.
+* **remoterl clients** (``RLC1``) say HELLO, OPEN slots of an env id, CALL the
+  workers that hold their slots (reset/step/close batches, opaque to the broker),
+  and CLOSE slots.
+* **Majordomo workers and clients** (MDP/0.1, MDP/0.2) get plain request/reply
+  routing per service, the ``mmi.service`` management service (RFC 8) and the
+  ``remoterl.status`` service.
+
+Rules
+-----
+* *Sticky slots.* OPEN places the slots on the least-loaded workers serving the env
+  id and returns, per slot, the worker's routing id. Every CALL names that worker;
+  the broker forwards it only if the client holds a slot there. A slot is never
+  moved: when its worker goes, the client hears WORKER_LOST for it.
+* *Calls pass through.* The broker reads frame 0 and the worker/client routing frame
+  of a CALL or REPLY, never the msgpack header, and re-sends the payload frames
+  untouched. Per-worker call counters are the only work on that path.
+* *Liveness.* Any message from a peer, or a HEARTBEAT naming it (sent from the
+  peer's side socket, so a trainer busy in a gradient update stays alive), refreshes
+  it. A remoterl peer silent for ``heartbeat × liveness`` seconds is purged: a
+  worker's clients get WORKER_LOST for its slots; a client's slots are closed on
+  their workers. Majordomo workers are sent HEARTBEATs every ``heartbeat`` seconds.
+* *Bounded state.* Every table entry belongs to a live peer or an open request with
+  a deadline; bad input never creates entries. Queued MDP requests are capped and
+  expire.
+
+Not done here: authentication and tenants (keys are accepted and ignored), socket
+options, signals. Those live in the loop and the CLI.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from remoterl import protocol as p
+from remoterl.errors import ProtocolError
+from remoterl.protocol import ClientCommand as C
+from remoterl.protocol import WorkerCommand as W
+
+__all__ = ["BrokerConfig", "BrokerCore"]
+
+log = logging.getLogger(__name__)
+
+_C_REPLY = p.client_frame(C.REPLY)
+_W_CALL = p.worker_frame(W.CALL)
+
+
+@dataclass
+class BrokerConfig:
+    """Tunable broker settings (seconds and bytes)."""
+
+    heartbeat: float = 1.0
+    liveness: int = 3
+    max_message_size: int = 64 * 1024 * 1024
+    open_timeout: float = 120.0
+    max_queued_requests: int = 10_000
+    request_ttl: float = 30.0
+
+    @property
+    def expiry(self) -> float:
+        """Seconds of silence after which a peer is declared dead."""
+        return self.heartbeat * self.liveness
+
+
+@dataclass(eq=False)
+class RLWorker:
+    """A remoterl worker: the env ids it serves and the slots it hosts."""
+
+    id: bytes
+    envs: frozenset
+    capacity: int
+    last_seen: float
+    info: dict = field(default_factory=dict)
+    slots: set = field(default_factory=set)
+    clients: collections.Counter = field(default_factory=collections.Counter)
+    calls: int = 0
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.slots)
+
+
+@dataclass(eq=False)
+class RLClient:
+    """A remoterl client (trainer) session."""
+
+    id: bytes
+    last_seen: float
+    info: dict = field(default_factory=dict)
+    slots: set = field(default_factory=set)
+    workers: collections.Counter = field(default_factory=collections.Counter)
+
+
+@dataclass(eq=False)
+class Slot:
+    id: int
+    client: bytes
+    worker: bytes
+    env: str
+    open: bool = False
+
+
+@dataclass(eq=False)
+class PendingOpen:
+    """An OPEN waiting for the workers that were asked to create its slots."""
+
+    client: bytes
+    client_r: Any
+    env: str
+    order: list            # slot ids in the order the client will see them
+    waiting: set           # worker ids that have not answered yet
+    deadline: float
+    env_desc: Any = None
+    error: dict | None = None
+
+
+@dataclass(eq=False)
+class MdpWorker:
+    id: bytes
+    service: bytes
+    version: p.MdpVersion
+    empty_prefix: bool
+    last_seen: float
+    current: tuple | None = None  # (client id, version, empty_prefix, service) being served
+    calls: int = 0
+
+
+@dataclass(eq=False)
+class MdpService:
+    name: bytes
+    waiting: collections.deque = field(default_factory=collections.deque)
+    requests: collections.deque = field(default_factory=collections.deque)
+    workers: int = 0
+
+
+class BrokerCore:
+    """The broker's state machine. Feed it frames and time; send what it returns.
+
+    Args:
+        config: heartbeat, liveness, size limits.
+        now: the current monotonic time in seconds.
+        instance: a name for this broker run (reported in WELCOME and status).
+    """
+
+    def __init__(self, config: BrokerConfig | None = None, now: float = 0.0, instance: str | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.instance = instance or os.urandom(6).hex()
+        self.started = now
+        self._wall_started = time.time()
+        self.workers: dict[bytes, RLWorker] = {}
+        self.env_index: dict[str, set] = {}
+        self.clients: dict[bytes, RLClient] = {}
+        self.slots: dict[int, Slot] = {}
+        self.pending_opens: dict[int, PendingOpen] = {}
+        self.mdp_workers: dict[bytes, MdpWorker] = {}
+        self.mdp_services: dict[bytes, MdpService] = {}
+        self.counters: collections.Counter = collections.Counter()
+        self._out: list[list] = []
+        self._next_slot = 1
+        self._next_open = 1
+        self._next_sweep = now + self._sweep_interval
+        self._next_mdp_heartbeat = now + self.config.heartbeat
+        self._warned_at = 0.0
+        self._warned = 0
+        self._suppressed = 0
+        self._closing = False
+        self._dispatch_client = {
+            C.HELLO: self._on_hello,
+            C.OPEN: self._on_open,
+            C.CLOSE: self._on_close,
+            C.HEARTBEAT: self._on_heartbeat,
+            C.DISCONNECT: self._on_client_disconnect,
+        }
+        self._dispatch_worker = {
+            W.READY: self._on_ready,
+            W.OPENED: self._on_opened,
+            W.HEARTBEAT: self._on_heartbeat,
+            W.DISCONNECT: self._on_worker_disconnect,
+        }
+
+    # --- the loop's interface -------------------------------------------------------------
+
+    @property
+    def _sweep_interval(self) -> float:
+        # Four sweeps per heartbeat: a dead peer is noticed within expiry + heartbeat/4.
+        return self.config.heartbeat / 4
+
+    def receive(self, sender: bytes, frames: list, now: float) -> None:
+        """Handle one message. Never raises on what the peer sent.
+
+        Args:
+            sender: the peer's routing id (the ROUTER's first frame).
+            frames: the rest of the message: ``bytes`` or buffer objects (``zmq.Frame``).
+            now: monotonic time in seconds.
+        """
+        self.counters["messages_in"] += 1
+        if not frames:
+            self._bad(sender, None, "empty message")
+            return
+        frame0 = p.as_bytes(frames[0])
+        # Hot path first: remoterl CALL and REPLY are forwarded without decoding headers.
+        if len(frame0) == 5:
+            if frame0 == _C_CALL:
+                self._on_call(sender, frames, now)
+                return
+            if frame0 == _W_REPLY:
+                self._on_reply(sender, frames, now)
+                return
+        size = sum(map(len, frames))
+        if size > self.config.max_message_size:
+            self._bad(sender, frames, f"message of {size} bytes exceeds the limit of "
+                      f"{self.config.max_message_size} bytes", code="too_large")
+            return
+        try:
+            kind, command = p.signature(frame0)
+            if kind == "rl-client":
+                handler = self._dispatch_client.get(command)
+                if handler is None:
+                    raise ProtocolError(f"unknown client command 0x{command:02x}")
+                handler(sender, frames, now, "client")
+            elif kind == "rl-worker":
+                handler = self._dispatch_worker.get(command)
+                if handler is None:
+                    raise ProtocolError(f"unknown worker command 0x{command:02x}")
+                handler(sender, frames, now, "worker")
+            elif kind == "mdp-client" or (kind == "empty" and len(frames) > 1
+                                          and p.as_bytes(frames[1]) in p.MDP_CLIENT):
+                self._on_mdp_client(sender, frames, now)
+            elif kind == "mdp-worker" or (kind == "empty" and len(frames) > 1
+                                          and p.as_bytes(frames[1]) in p.MDP_WORKER):
+                self._on_mdp_worker(sender, frames, now)
+            elif kind == "rl-version":
+                raise ProtocolError(f"unsupported remoterl protocol signature {frame0[:8]!r}; "
+                                    f"this broker speaks version {p.PROTOCOL_VERSION}")
+            else:
+                raise ProtocolError(f"unknown protocol signature {frame0[:16]!r}")
+        except _Reply as exc:  # a well-formed request refused: typed error, not bad input
+            self.counters["refused"] += 1
+            self._out.append([sender, p.client_frame(C.ERROR),
+                              p.encode_header({"r": exc.r, "code": exc.code, "msg": str(exc)})])
+        except ProtocolError as exc:
+            self._bad(sender, frames, str(exc))
+        except Exception as exc:  # a bug, but a peer must never crash the broker
+            log.exception("internal error handling a message from %s", sender.hex())
+            self._bad(sender, frames, f"internal broker error: {exc!r}")
+
+    def tick(self, now: float) -> None:
+        """Run timers: purge silent peers, heartbeat MDP workers, expire requests."""
+        if now >= self._next_mdp_heartbeat:
+            self._next_mdp_heartbeat = now + self.config.heartbeat
+            for worker in self.mdp_workers.values():
+                self._out.append([worker.id, *p.mdp_worker_heartbeat(worker.version, empty_prefix=worker.empty_prefix)])
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._sweep_interval
+        limit = now - self.config.expiry
+        for worker in [w for w in self.workers.values() if w.last_seen < limit]:
+            log.warning("worker %s missed its heartbeats; purging it (%d slots)",
+                        _name(worker.id, worker.info), len(worker.slots))
+            self.counters["workers_expired"] += 1
+            self._purge_worker(worker, "missed its heartbeats")
+        for client in [c for c in self.clients.values() if c.last_seen < limit]:
+            if client.slots:
+                log.info("client %s went silent; closing its %d slots", _name(client.id, client.info), len(client.slots))
+            self.counters["clients_expired"] += 1
+            self._drop_client(client)
+        for worker in [w for w in self.mdp_workers.values() if w.last_seen < limit]:
+            log.warning("MDP worker %s missed its heartbeats; purging it", worker.id.hex())
+            self._drop_mdp_worker(worker)
+        for r, pending in list(self.pending_opens.items()):
+            if now >= pending.deadline:
+                pending.error = pending.error or {"code": "timeout", "msg": (
+                    f"workers did not create {pending.env!r} within {self.config.open_timeout:g} s")}
+                pending.waiting.clear()
+                self._finish_open(r, pending)
+        ttl = now - self.config.request_ttl
+        for service in list(self.mdp_services.values()):
+            while service.requests and service.requests[0][4] < ttl:
+                service.requests.popleft()
+                self.counters["mdp_requests_expired"] += 1
+            if not service.requests and not service.workers:
+                del self.mdp_services[service.name]
+
+    def next_deadline(self) -> float:
+        """The monotonic time at which :meth:`tick` has work to do."""
+        return min(self._next_sweep, self._next_mdp_heartbeat)
+
+    def messages_to_send(self) -> list[list]:
+        """Take the queued messages; each is ``[routing_id, frame, ...]``."""
+        out, self._out = self._out, []
+        return out
+
+    def shutdown(self) -> None:
+        """Tell every worker the broker is leaving (DISCONNECT); queue nothing else."""
+        self._closing = True
+        for worker in self.workers.values():
+            self._out.append([worker.id, p.worker_frame(W.DISCONNECT)])
+        for worker in self.mdp_workers.values():
+            self._out.append([worker.id, *p.mdp_worker_disconnect(worker.version, empty_prefix=worker.empty_prefix)])
+
+    # --- remoterl hot path ----------------------------------------------------------------------
+
+    def _on_call(self, sender: bytes, frames: list, now: float) -> None:
+        # CALL: [sig, worker, header, *payload]. The header is not decoded here.
+        client = self.clients.get(sender)
+        if len(frames) < 3:
+            self._bad(sender, frames, "CALL needs worker and header frames")
+            return
+        worker_id = p.as_bytes(frames[1])
+        if client is None or not client.workers.get(worker_id):
+            self._call_refused(sender, frames, worker_id, client)
+            return
+        worker = self.workers[worker_id]
+        client.last_seen = now
+        worker.calls += 1
+        self._out.append([worker_id, _W_CALL, sender, *frames[2:]])
+
+    def _on_reply(self, sender: bytes, frames: list, now: float) -> None:
+        # REPLY: [sig, client, header, *payload] -> client gets [sig, header, *payload].
+        worker = self.workers.get(sender)
+        if worker is None:
+            self._unknown_worker(sender, "REPLY")
+            return
+        if len(frames) < 3:
+            self._bad(sender, frames, "REPLY needs client and header frames")
+            return
+        worker.last_seen = now
+        self._out.append([p.as_bytes(frames[1]), _C_REPLY, *frames[2:]])
+
+    def _call_refused(self, sender: bytes, frames: list, worker_id: bytes, client: RLClient | None) -> None:
+        header = _try_header(frames[2])
+        r = header.get("r") if header else None
+        if client is None:
+            code, msg = "worker_lost", "this client session is unknown to the broker (expired or broker restarted)"
+        elif worker_id in self.workers:
+            code, msg = "protocol", "this client holds no slot on that worker"
+        else:
+            code, msg = "worker_lost", f"worker {worker_id.hex()} is gone"
+        self.counters["calls_refused"] += 1
+        self._out.append([sender, p.client_frame(C.ERROR), p.encode_header({"r": r, "code": code, "msg": msg})])
+
+    # --- remoterl control -----------------------------------------------------------------------
+
+    def _on_hello(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        header = _header(frames, 1)
+        client = self._client(sender, now)
+        client.info = {k: header[k] for k in ("name", "pid", "host") if k in header}
+        self._out.append([sender, p.client_frame(C.WELCOME), p.encode_header(self._welcome())])
+
+    def _welcome(self) -> dict:
+        return {
+            "v": p.PROTOCOL_VERSION,
+            "broker": self.instance,
+            "heartbeat": self.config.heartbeat,
+            "liveness": self.config.liveness,
+            "max_message_size": self.config.max_message_size,
+        }
+
+    def _client(self, client_id: bytes, now: float) -> RLClient:
+        client = self.clients.get(client_id)
+        if client is None:
+            if client_id in self.workers or client_id in self.mdp_workers:
+                raise ProtocolError("this peer is registered as a worker")
+            client = self.clients[client_id] = RLClient(client_id, now)
+        client.last_seen = now
+        return client
+
+    def _on_open(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        header = _header(frames, 1)
+        r = header.get("r")
+        env = header.get("env")
+        n = header.get("n", 1)
+        kwargs = header.get("kwargs") or {}
+        max_workers = header.get("max_workers")
+        if not isinstance(env, str) or not env:
+            raise _Reply(r, "protocol", "OPEN needs an env id string")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise _Reply(r, "protocol", f"OPEN needs n >= 1 slots, got {n!r}")
+        if not isinstance(kwargs, dict):
+            raise _Reply(r, "protocol", "OPEN kwargs must be a map")
+        if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
+            raise _Reply(r, "protocol", f"max_workers must be a positive integer, got {max_workers!r}")
+        client = self._client(sender, now)
+        serving = [self.workers[w] for w in self.env_index.get(env, ())]
+        if not serving:
+            raise _Reply(r, "no_worker", self._no_worker_message(env))
+        placement = _place(serving, n, max_workers)
+        if placement is None:
+            free = sum(max(w.free, 0) for w in serving)
+            raise _Reply(r, "capacity", (
+                f"{len(serving)} worker(s) serve {env!r} but only {free} of their slots are free "
+                f"({n} asked for); start more with: remoterl-worker --env {env} -n {n}"))
+        open_r = self._next_open
+        self._next_open += 1
+        order: list[int] = []
+        by_worker: dict[bytes, list[int]] = {}
+        for worker in placement:
+            slot = Slot(self._next_slot, sender, worker.id, env)
+            self._next_slot += 1
+            self.slots[slot.id] = slot
+            worker.slots.add(slot.id)
+            worker.clients[sender] += 1
+            client.slots.add(slot.id)
+            client.workers[worker.id] += 1
+            order.append(slot.id)
+            by_worker.setdefault(worker.id, []).append(slot.id)
+        self.pending_opens[open_r] = PendingOpen(
+            sender, r, env, order, set(by_worker), now + self.config.open_timeout)
+        for worker_id, slot_ids in by_worker.items():
+            self._out.append([worker_id, p.worker_frame(W.OPEN), sender, p.encode_header(
+                {"r": open_r, "env": env, "kwargs": kwargs, "slots": slot_ids})])
+        self.counters["opens"] += 1
+
+    def _no_worker_message(self, env: str) -> str:
+        served = sorted(self.env_index)
+        listing = ", ".join(served) if served else "nothing (no worker is connected)"
+        return (f"no worker serves env id {env!r}; workers serve: {listing}. "
+                f"Start one with: remoterl-worker --env {env} --broker URL")
+
+    def _on_opened(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        worker = self.workers.get(sender)
+        if worker is None:
+            self._unknown_worker(sender, "OPENED")
+            return
+        worker.last_seen = now
+        header = _header(frames, 2)
+        r = header.get("r")
+        pending = self.pending_opens.get(r) if isinstance(r, int) else None
+        if pending is None or sender not in pending.waiting:
+            raise ProtocolError(f"OPENED for unknown open request {r!r}")
+        pending.waiting.discard(sender)
+        error = header.get("error")
+        if error is not None:
+            pending.error = pending.error or (error if isinstance(error, dict) else {"code": "protocol", "msg": repr(error)})
+        elif pending.env_desc is None:
+            pending.env_desc = header.get("env")
+        if not pending.waiting:
+            self._finish_open(r, pending)
+
+    def _finish_open(self, r: int, pending: PendingOpen) -> None:
+        del self.pending_opens[r]
+        client = self.clients.get(pending.client)
+        live = [self.slots[s] for s in pending.order if s in self.slots]
+        if pending.error is None and client is not None and len(live) == len(pending.order):
+            for slot in live:
+                slot.open = True
+            self._out.append([pending.client, p.client_frame(C.OPENED), p.encode_header({
+                "r": pending.client_r,
+                "slots": [[slot.id, slot.worker] for slot in live],
+                "env": pending.env_desc,
+            })])
+            return
+        # All or nothing: release what was created, then report the first error.
+        self._close_slots(live)
+        if client is not None:
+            error = pending.error or {"code": "worker_lost", "msg": "a worker was lost while opening slots"}
+            self._out.append([pending.client, p.client_frame(C.ERROR), p.encode_header({**error, "r": pending.client_r})])
+
+    def _on_close(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        header = _header(frames, 1)
+        r = header.get("r")
+        wanted = header.get("slots")
+        if not isinstance(wanted, list):
+            raise _Reply(r, "protocol", "CLOSE needs a list of slots")
+        client = self._client(sender, now)
+        mine = [self.slots[s] for s in wanted if isinstance(s, int) and s in client.slots]
+        self._close_slots(mine)
+        self._out.append([sender, p.client_frame(C.CLOSED), p.encode_header({"r": r, "closed": [s.id for s in mine]})])
+
+    def _on_client_disconnect(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        client = self.clients.get(sender)
+        if client is not None:
+            self._drop_client(client)
+
+    def _on_heartbeat(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        header = _header(frames, 1)
+        peer_id = header.get("id", sender)
+        if not isinstance(peer_id, bytes):
+            raise ProtocolError("HEARTBEAT id must be bytes")
+        if role == "client":
+            peer = self.clients.get(peer_id)
+            frame = p.client_frame(C.HEARTBEAT)
+        else:
+            peer = self.workers.get(peer_id)
+            frame = p.worker_frame(W.HEARTBEAT)
+            stats = header.get("stats")
+            if peer is not None and isinstance(stats, dict):
+                peer.stats = stats
+        if peer is not None:
+            peer.last_seen = now
+        self._out.append([sender, frame, p.encode_header({"broker": self.instance, "known": peer is not None, "id": peer_id})])
+
+    def _on_ready(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        header = _header(frames, 1)
+        envs = header.get("envs")
+        capacity = header.get("capacity")
+        if not isinstance(envs, list) or not all(isinstance(e, str) and e for e in envs):
+            raise ProtocolError("READY needs a list of env id strings")
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+            raise ProtocolError("READY needs a capacity >= 0")
+        if sender in self.clients or sender in self.mdp_workers:
+            raise ProtocolError("this peer is already registered in another role")
+        old = self.workers.get(sender)
+        if old is not None:  # RFC 7: a second READY restarts the worker's session
+            self._purge_worker(old, "re-registered")
+        info = {k: header[k] for k in ("name", "pid", "host") if k in header}
+        worker = self.workers[sender] = RLWorker(sender, frozenset(envs), capacity, now, info)
+        for env in worker.envs:
+            self.env_index.setdefault(env, set()).add(sender)
+        log.info("worker %s ready: %d slots of %s", _name(sender, info), capacity, ", ".join(sorted(envs)) or "nothing")
+        self._out.append([sender, p.worker_frame(W.WELCOME), p.encode_header(self._welcome())])
+
+    def _on_worker_disconnect(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        worker = self.workers.get(sender)
+        if worker is not None:
+            log.info("worker %s disconnected", _name(sender, worker.info))
+            self._purge_worker(worker, "disconnected")
+
+    def _unknown_worker(self, sender: bytes, what: str) -> None:
+        # RFC 7: a message from an unregistered worker gets DISCONNECT, which makes it re-register.
+        self.counters["unknown_worker_messages"] += 1
+        self._warn("%s from unknown worker %s; telling it to re-register", what, sender.hex())
+        self._out.append([sender, p.worker_frame(W.DISCONNECT)])
+
+    # --- removal ---------------------------------------------------------------------------
+
+    def _close_slots(self, slots: list[Slot]) -> None:
+        """Free slots in the tables and tell their workers to close the envs."""
+        by_worker: dict[tuple, list[int]] = {}
+        for slot in slots:
+            self._forget_slot(slot)
+            by_worker.setdefault((slot.worker, slot.client), []).append(slot.id)
+        for (worker_id, client_id), ids in by_worker.items():
+            if worker_id in self.workers:
+                self._out.append([worker_id, p.worker_frame(W.CLOSE), client_id, p.encode_header({"slots": ids})])
+
+    def _forget_slot(self, slot: Slot) -> None:
+        self.slots.pop(slot.id, None)
+        worker = self.workers.get(slot.worker)
+        if worker is not None:
+            worker.slots.discard(slot.id)
+            _decrement(worker.clients, slot.client)
+        client = self.clients.get(slot.client)
+        if client is not None:
+            client.slots.discard(slot.id)
+            _decrement(client.workers, slot.worker)
+
+    def _purge_worker(self, worker: RLWorker, reason: str) -> None:
+        lost: dict[bytes, list[int]] = {}
+        for slot_id in list(worker.slots):
+            slot = self.slots[slot_id]
+            if slot.open:
+                lost.setdefault(slot.client, []).append(slot_id)
+            self._forget_slot(slot)
+        for r, pending in list(self.pending_opens.items()):
+            if worker.id in pending.waiting:
+                pending.waiting.discard(worker.id)
+                pending.error = pending.error or {"code": "worker_lost", "msg": (
+                    f"worker {_name(worker.id, worker.info)} {reason} while opening {pending.env!r}")}
+                if not pending.waiting:
+                    self._finish_open(r, pending)
+        del self.workers[worker.id]
+        for env in worker.envs:
+            ids = self.env_index.get(env)
+            if ids is not None:
+                ids.discard(worker.id)
+                if not ids:
+                    del self.env_index[env]
+        for client_id, slot_ids in lost.items():
+            self._out.append([client_id, p.client_frame(C.WORKER_LOST), p.encode_header({
+                "worker": worker.id, "slots": slot_ids,
+                "msg": f"worker {_name(worker.id, worker.info)} {reason}; the envs in slots {slot_ids} are lost",
+            })])
+
+    def _drop_client(self, client: RLClient) -> None:
+        self._close_slots([self.slots[s] for s in list(client.slots)])
+        for r, pending in list(self.pending_opens.items()):
+            if pending.client == client.id:
+                pending.error = {"code": "closed", "msg": "client left"}
+        del self.clients[client.id]
+
+    # --- Majordomo ----------------------------------------------------------------------------
+
+    def _on_mdp_client(self, sender: bytes, frames: list, now: float) -> None:
+        request = p.parse_mdp_client(frames)
+        service = request.service
+        if service.startswith(b"mmi.") or service == b"remoterl.status":
+            from remoterl.broker.services import answer  # noqa: PLC0415 (rarely used)
+
+            body = answer(self, service, request.body)
+            self._out.append([sender, *p.mdp_client_reply(
+                request.version, service, body, empty_prefix=request.empty_prefix)])
+            return
+        svc = self.mdp_services.get(service)
+        if svc is None:
+            svc = self.mdp_services[service] = MdpService(service)
+        if sum(len(s.requests) for s in self.mdp_services.values()) >= self.config.max_queued_requests:
+            self.counters["mdp_requests_dropped"] += 1
+            self._warn("MDP request queue full; dropping a request for %r", service)
+            if not svc.requests and not svc.workers:
+                del self.mdp_services[service]
+            return
+        svc.requests.append((sender, request.version, request.empty_prefix, request.body, now))
+        self._mdp_dispatch(svc)
+
+    def _on_mdp_worker(self, sender: bytes, frames: list, now: float) -> None:
+        msg = p.parse_mdp_worker(frames)
+        worker = self.mdp_workers.get(sender)
+        if msg.command == "READY":
+            if worker is not None or sender in self.workers or sender in self.clients:
+                if worker is not None:
+                    self._drop_mdp_worker(worker)
+                else:
+                    raise ProtocolError("this peer is already registered in another role")
+            worker = self.mdp_workers[sender] = MdpWorker(sender, msg.service, msg.version, msg.empty_prefix, now)
+            svc = self.mdp_services.get(msg.service)
+            if svc is None:
+                svc = self.mdp_services[msg.service] = MdpService(msg.service)
+            svc.workers += 1
+            svc.waiting.append(sender)
+            self._mdp_dispatch(svc)
+            return
+        if worker is None:
+            if msg.command != "DISCONNECT":
+                self._out.append([sender, *p.mdp_worker_disconnect(msg.version, empty_prefix=msg.empty_prefix)])
+            return
+        worker.last_seen = now
+        if msg.command in ("PARTIAL", "FINAL"):
+            current = worker.current
+            if current is None or current[0] != msg.client:
+                raise ProtocolError(f"MDP {msg.command} for a request this worker was not given")
+            client_id, version, empty_prefix, service = current
+            final = msg.command == "FINAL"
+            if final or version is p.MdpVersion.V02:  # MDP/0.1 has no PARTIAL
+                self._out.append([client_id, *p.mdp_client_reply(
+                    version, service, msg.body, final=final, empty_prefix=empty_prefix)])
+            if final:
+                worker.current = None
+                svc = self.mdp_services[worker.service]
+                svc.waiting.append(sender)
+                self._mdp_dispatch(svc)
+        elif msg.command == "DISCONNECT":
+            self._drop_mdp_worker(worker, notify=False)
+
+    def _mdp_dispatch(self, svc: MdpService) -> None:
+        while svc.waiting and svc.requests:
+            worker = self.mdp_workers[svc.waiting.popleft()]
+            client, version, empty_prefix, body, _ = svc.requests.popleft()
+            worker.current = (client, version, empty_prefix, svc.name)
+            worker.calls += 1
+            self._out.append([worker.id, *p.mdp_worker_request(
+                worker.version, client, body, empty_prefix=worker.empty_prefix)])
+
+    def _drop_mdp_worker(self, worker: MdpWorker, notify: bool = True) -> None:
+        del self.mdp_workers[worker.id]
+        svc = self.mdp_services.get(worker.service)
+        if svc is not None:
+            svc.workers -= 1
+            if worker.id in svc.waiting:
+                svc.waiting.remove(worker.id)
+            if not svc.workers and not svc.requests:
+                del self.mdp_services[svc.name]
+        if notify:
+            self._out.append([worker.id, *p.mdp_worker_disconnect(worker.version, empty_prefix=worker.empty_prefix)])
+
+    # --- bad input -----------------------------------------------------------------------------
+
+    def _bad(self, sender: bytes, frames: list | None, reason: str, code: str = "protocol") -> None:
+        """Count and log bad input; answer it when the sender's protocol has an error reply."""
+        self.counters["malformed"] += 1
+        self._warn("bad message from %s: %s", sender.hex() if isinstance(sender, bytes) else "?", reason)
+        if not frames:
+            return
+        frame0 = p.as_bytes(frames[0])
+        if frame0[:3] == b"RLC":
+            # Echo the request id when a header can be found, so the client can match the error.
+            r = None
+            for frame in frames[1:3]:
+                header = _try_header(frame) if len(frame) < 4096 else None
+                if header is not None:
+                    r = header.get("r")
+                    break
+            self._out.append([sender, p.client_frame(C.ERROR), p.encode_header({"r": r, "code": code, "msg": reason})])
+
+    def _warn(self, fmt: str, *args: Any) -> None:
+        # At most 10 warnings a second: a flood of garbage must not become a flood of logs.
+        now = time.monotonic()
+        if now - self._warned_at >= 1.0:
+            if self._suppressed:
+                log.warning("%d more bad-input warnings suppressed", self._suppressed)
+            self._warned_at, self._warned, self._suppressed = now, 0, 0
+        if self._warned < 10:
+            self._warned += 1
+            log.warning(fmt, *args)
+        else:
+            self._suppressed += 1
+
+    # --- introspection ----------------------------------------------------------------------------
+
+    def table_sizes(self) -> dict[str, int]:
+        """Sizes of every table, to check that bad input leaves no state behind."""
+        return {
+            "workers": len(self.workers), "clients": len(self.clients), "slots": len(self.slots),
+            "pending_opens": len(self.pending_opens), "env_index": len(self.env_index),
+            "mdp_workers": len(self.mdp_workers), "mdp_services": len(self.mdp_services),
+            "mdp_requests": sum(len(s.requests) for s in self.mdp_services.values()),
+        }
+
+
+class _Reply(ProtocolError):
+    """A client request refused with a typed error (``code``) and the request id."""
+
+    def __init__(self, r: Any, code: str, msg: str) -> None:
+        super().__init__(msg)
+        self.r, self.code = r, code
+
+
+_C_CALL = p.client_frame(C.CALL)
+_W_REPLY = p.worker_frame(W.REPLY)
+
+
+def _header(frames: list, index: int) -> dict:
+    if len(frames) <= index:
+        raise ProtocolError("message has no header frame")
+    return p.decode_header(frames[index])
+
+
+def _try_header(frame: Any) -> dict | None:
+    try:
+        return p.decode_header(frame)
+    except ProtocolError:
+        return None
+
+
+def _decrement(counter: collections.Counter, key: Any) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
+def _place(workers: list[RLWorker], n: int, max_workers: int | None) -> list[RLWorker] | None:
+    """Choose a worker for each of ``n`` slots, least loaded first; None if they don't fit."""
+    candidates = sorted((w for w in workers if w.free > 0), key=lambda w: (len(w.slots) / max(w.capacity, 1), w.id))
+    if max_workers is not None:
+        candidates = candidates[:max_workers]
+    free = {w.id: w.free for w in candidates}
+    if sum(free.values()) < n:
+        return None
+    load = {w.id: len(w.slots) for w in candidates}
+    chosen: list[RLWorker] = []
+    for _ in range(n):
+        best = min((w for w in candidates if free[w.id] > 0), key=lambda w: (load[w.id] / max(w.capacity, 1), w.id))
+        chosen.append(best)
+        free[best.id] -= 1
+        load[best.id] += 1
+    return chosen
+
+
+def _name(peer_id: bytes, info: dict) -> str:
+    name = info.get("name")
+    return f"{name} ({peer_id.hex()[:8]})" if name else peer_id.hex()[:12]

@@ -1,0 +1,82 @@
+"""``remoterl``: commands for users (``status``; more come with later releases)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+__all__ = ["fetch_status", "main"]
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict:
+    """Ask the broker's ``remoterl.status`` service (an MDP/0.2 request) for a snapshot.
+
+    Raises:
+        BrokerUnavailableError: no answer within ``timeout``.
+    """
+    import zmq
+
+    from remoterl.errors import BrokerUnavailableError
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(url)
+        sock.send_multipart([b"MDPC02", b"\x01", b"remoterl.status"])
+        if not sock.poll(timeout * 1000):
+            raise BrokerUnavailableError(
+                f"no remoterl broker answered at {url} within {timeout:g} s. "
+                f"Start one with: remoterl-broker --bind {url}")
+        frames = sock.recv_multipart()
+    finally:
+        sock.close()
+    return json.loads(frames[-1])
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="remoterl")
+def main() -> None:
+    """remoterl: run RL environments on remote simulators."""
+
+
+@main.command()
+@click.option("--broker", default=lambda: os.environ.get("REMOTERL_BROKER", "tcp://127.0.0.1:5555"),
+              show_default="$REMOTERL_BROKER or tcp://127.0.0.1:5555", help="The broker's address.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker.")
+def status(broker: str, as_json: bool, timeout: float) -> None:
+    """Show a broker's workers, services, open slots and call counts."""
+    from remoterl.errors import BrokerUnavailableError
+
+    try:
+        snap = fetch_status(broker, timeout)
+    except BrokerUnavailableError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(snap, indent=2))
+        return
+    click.echo(f"broker {snap['broker']} at {broker}: {len(snap['workers'])} worker(s), "
+               f"{len(snap['clients'])} client(s), {snap['open_slots']} open slot(s)\n")
+    rows = []
+    for w in snap["workers"]:
+        served = ", ".join(w.get("envs", [])) or w.get("service", "")
+        slots = f"{w['slots']}/{w['capacity']}" if "capacity" in w else "-"
+        steps = w.get("stats", {}).get("steps", "-")
+        rows.append([w["id"][:12], w.get("name", ""), w["kind"], served, slots, w["calls"], steps])
+    click.echo(_table(rows, ["WORKER", "NAME", "KIND", "SERVES", "SLOTS", "CALLS", "STEPS"]) if rows else "no workers")
+    click.echo()
+    srows = [[s["name"], s["kind"], s["workers"], s.get("free_slots", s.get("queued", ""))] for s in snap["services"]]
+    click.echo(_table(srows, ["SERVICE", "KIND", "WORKERS", "FREE SLOTS / QUEUED"]) if srows else "no services")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The client's I/O: a DEALER socket to the broker, and a heartbeat thread with its own.
+
+:class:`Client` is what ``RemoteEnv`` and ``RemoteEnvVec`` are built on. It says
+HELLO, opens slots, sends batched calls to the workers that hold them (one message
+per worker) and waits for the replies, every wait bounded by a timeout.
+
+The heartbeat thread pings the broker every ``heartbeat`` seconds from its own socket,
+naming the main socket's routing id, so a trainer busy for minutes in a gradient
+update keeps its slots. It also notices a broker that went silent or forgot this
+session (restarted); pending and later calls then fail with a typed error instead of
+hanging.
+
+A ``Client`` is used by one thread at a time (a lock guards it); each process makes
+its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from remoterl import codec
+from remoterl import protocol as p
+from remoterl.client import ClientCore, Pending
+from remoterl.errors import (
+    BrokerUnavailableError,
+    MessageTooLargeError,
+    ProtocolError,
+    RemoteTimeoutError,
+    WorkerLostError,
+)
+from remoterl.protocol import ClientCommand as C
+
+__all__ = ["Client", "Opened"]
+
+log = logging.getLogger(__name__)
+
+_CALL = p.client_frame(C.CALL)
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class Opened:
+    """The answer to :meth:`Client.open`: slots in order, their workers, the env's description."""
+
+    slots: list[int]
+    workers: list[bytes]
+    env: dict
+
+
+class Client:
+    """A trainer's connection to a broker.
+
+    Args:
+        url: the broker's address (``tcp://HOST:PORT``).
+        timeout: default seconds to wait for a reply.
+        connect_timeout: seconds to wait for the broker's WELCOME.
+        name: shown in ``remoterl status``.
+        api_key: presented in HELLO.
+    """
+
+    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, name: str | None = None,
+                 api_key: str | None = None, context: zmq.Context | None = None) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._api_key = api_key
+        self._ctx = context or zmq.Context.instance()
+        self.core = ClientCore()
+        self.identity = b"C" + os.urandom(15)
+        self.heartbeat = 1.0
+        self.liveness = 3
+        self.max_message_size = 64 * 1024 * 1024
+        self.broker_instance: str | None = None
+        self._lock = threading.RLock()
+        self._sock: zmq.Socket | None = None
+        self._lost: str | None = None
+        self._closed = False
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    # --- session --------------------------------------------------------------------------------
+
+    def connect(self) -> Client:
+        """Say HELLO and wait for WELCOME; start heartbeats.
+
+        Raises:
+            BrokerUnavailableError: no answer within ``connect_timeout`` (says the URL and
+                how to start a broker).
+        """
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        try:
+            sock.connect(self.url)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise BrokerUnavailableError(f"invalid broker URL {self.url!r}: {exc}") from exc
+        self._sock = sock
+        hello = {"v": p.PROTOCOL_VERSION, "name": self.name, "pid": os.getpid(), "host": socket.gethostname()}
+        if self._api_key:
+            hello["key"] = self._api_key
+        sock.send_multipart([p.client_frame(C.HELLO), p.encode_header(hello)])
+        if not sock.poll(self.connect_timeout * 1000):
+            self.close()
+            raise BrokerUnavailableError(
+                f"no remoterl broker answered at {self.url} within {self.connect_timeout:g} s. "
+                f"Start one with: remoterl-broker --bind {self.url}  (or call remoterl.init() "
+                f"without a broker URL to use an embedded one)")
+        frames = sock.recv_multipart()
+        if p.as_bytes(frames[0]) != p.client_frame(C.WELCOME) or len(frames) < 2:
+            self.close()
+            raise ProtocolError(f"the peer at {self.url} did not answer like a remoterl broker")
+        welcome = p.decode_header(frames[1])
+        self.heartbeat = float(welcome.get("heartbeat", self.heartbeat))
+        self.liveness = int(welcome.get("liveness", self.liveness))
+        self.max_message_size = int(welcome.get("max_message_size", self.max_message_size))
+        self.broker_instance = welcome.get("broker")
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="remoterl-client-heartbeat", daemon=True)
+        self._hb_thread.start()
+        return self
+
+    def close(self) -> None:
+        """Leave: the broker closes every slot this client holds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hb_stop.set()
+        with self._lock:
+            if self._sock is not None:
+                if os.getpid() == self._pid and self._lost is None:
+                    try:
+                        self._sock.send_multipart([p.client_frame(C.DISCONNECT), p.encode_header({})], zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                    self._sock.setsockopt(zmq.LINGER, 200)
+                self._sock.close()
+                self._sock = None
+        if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
+            self._hb_thread.join(2.0)
+
+    def __enter__(self) -> Client:
+        return self if self._sock is not None else self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- slots ------------------------------------------------------------------------------------
+
+    def open(self, env_id: str, n: int = 1, kwargs: dict | None = None, *,
+             max_workers: int | None = None, timeout: float | None = None) -> Opened:
+        """Open ``n`` slots of ``env_id``; the broker places them on the least-loaded workers.
+
+        Raises:
+            NoWorkerError: no worker serves ``env_id`` (the message lists what is served).
+            CapacityError: too few free slots.
+            RemoteEnvError: the env failed to construct on a worker.
+        """
+        with self._lock:
+            entry = self.core.new_request()
+            header = {"r": entry.r, "env": env_id, "n": n, "kwargs": kwargs or {}}
+            if max_workers is not None:
+                header["max_workers"] = max_workers
+            self._send([p.client_frame(C.OPEN), p.encode_header(header)])
+            reply = self._wait_one(entry, timeout if timeout is not None else max(self.timeout, 120.0))
+            slots = [s for s, _ in reply["slots"]]
+            workers = [w for _, w in reply["slots"]]
+            self.core.add_slots(slots, workers)
+            env = codec.decode(reply["env"]) if reply.get("env") is not None else {}
+            return Opened(slots, workers, env)
+
+    def close_slots(self, slots: list[int], timeout: float | None = None) -> None:
+        """Close slots; their envs are closed on the workers. Lost slots are just forgotten."""
+        with self._lock:
+            live = [s for s in slots if s in self.core.slots and self.core.slots[s].lost is None]
+            self.core.mark_closed(slots)
+            if not live or self._sock is None or self._lost is not None:
+                return
+            entry = self.core.new_request()
+            self._send([p.client_frame(C.CLOSE), p.encode_header({"r": entry.r, "slots": live})])
+            try:
+                self._wait_one(entry, timeout if timeout is not None else self.timeout)
+            except (BrokerUnavailableError, WorkerLostError):
+                pass
+
+    # --- calls ----------------------------------------------------------------------------------------
+
+    def send_call(self, worker: bytes, slots: list[int], request: dict, name: str = "call") -> Pending:
+        """Send one batched call to ``worker`` for ``slots``; return its pending entry.
+
+        ``request`` is a map (``op``, arrays...) that the worker's slot host understands;
+        ``r`` and ``slots`` are filled in here.
+
+        Raises:
+            EnvClosedError, WorkerLostError: a slot cannot be used (nothing is sent).
+            CodecError: a value cannot travel (names the key).
+            MessageTooLargeError: the message is over the broker's limit.
+        """
+        with self._lock:
+            self.core.check_slots(slots)
+            entry = self.core.new_request(worker)
+            request["r"] = entry.r
+            request["slots"] = slots
+            try:
+                header, frames = codec.encode(request, name=name)
+            except BaseException:
+                self.core.forget(entry)
+                raise
+            self._send([_CALL, worker, header, *frames])
+            return entry
+
+    def wait(self, entries: list[Pending], timeout: float | None = None) -> list[Any]:
+        """Wait for every entry; return their results in order.
+
+        Raises:
+            RemoteTimeoutError: not all answered within ``timeout``.
+            The first entry's error (RemoteEnvError, WorkerLostError, ...) otherwise.
+        """
+        with self._lock:
+            deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+            self._wait_until(entries, deadline)
+            out = []
+            for entry in entries:
+                if entry.error is not None:
+                    raise entry.error
+                out.append(entry.result)
+            return out
+
+    def call(self, worker: bytes, slots: list[int], request: dict, timeout: float | None = None) -> Any:
+        """Send one call and wait for its reply."""
+        return self.wait([self.send_call(worker, slots, request)], timeout)[0]
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _send(self, frames: list) -> None:
+        if self._sock is None:
+            raise BrokerUnavailableError("this client is closed" if self._closed else "this client is not connected")
+        if self._lost is not None:
+            raise BrokerUnavailableError(self._lost)
+        size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        if size > self.max_message_size:
+            raise MessageTooLargeError(
+                f"message of {size} bytes exceeds the broker's limit of {self.max_message_size} bytes "
+                f"(remoterl-broker --max-message-size)")
+        self._sock.send_multipart(frames, copy=False)
+
+    def _wait_one(self, entry: Pending, timeout: float) -> Any:
+        self._wait_until([entry], time.monotonic() + timeout)
+        if entry.error is not None:
+            raise entry.error
+        return entry.result
+
+    def _wait_until(self, entries: list[Pending], deadline: float) -> None:
+        sock = self._sock
+        if sock is None:
+            raise BrokerUnavailableError("this client is closed")
+        core = self.core
+        for entry in entries:
+            while not entry.done:
+                if self._lost is not None:
+                    core.lose_all(self._lost, BrokerUnavailableError)
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    for e in entries:
+                        if not e.done:
+                            core.forget(e)
+                    raise RemoteTimeoutError(
+                        f"no reply from {'worker ' + entry.worker.hex()[:12] if entry.worker else 'the broker'} "
+                        f"within the timeout (broker {self.url})")
+                # Wake at least once a heartbeat to notice a lost broker.
+                if not sock.poll(min(remaining, self.heartbeat) * 1000):
+                    continue
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        core.receive(frames)
+                    except ProtocolError as exc:
+                        log.warning("dropping a malformed message from the broker: %s", exc)
+
+    def _heartbeat_loop(self) -> None:
+        """Ping the broker; notice when it goes silent or forgets this session."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.url)
+        frame = p.client_frame(C.HEARTBEAT)
+        ping = p.encode_header({"id": self.identity})
+        last_pong = time.monotonic()
+        try:
+            while not self._hb_stop.is_set():
+                sock.send_multipart([frame, ping])
+                deadline = time.monotonic() + self.heartbeat
+                while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
+                    if not sock.poll(remaining * 1000):
+                        break
+                    pong = p.decode_header(sock.recv_multipart()[1])
+                    last_pong = time.monotonic()
+                    if not pong.get("known", True):
+                        self._lost = (f"the broker at {self.url} no longer knows this client "
+                                      f"(it restarted, or expired the session); its slots are gone")
+                if self._lost is None and time.monotonic() - last_pong > self.heartbeat * self.liveness:
+                    self._lost = (f"lost contact with the broker at {self.url}: no heartbeat for "
+                                  f"{time.monotonic() - last_pong:.1f} s")
+                if self._lost is not None:
+                    log.warning("%s", self._lost)
+                    return
+                self._hb_stop.wait(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.exception("client heartbeat thread failed")
+        finally:
+            sock.close(0)

@@ -1,0 +1,117 @@
+"""Shared fixtures: brokers and workers as real processes or threads on 127.0.0.1.
+
+Every wait is bounded by a multiple of ``T`` (seconds), scaled by
+``REMOTERL_TEST_TIMEOUT_FACTOR`` on slow machines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+T = float(os.environ.get("REMOTERL_TEST_TIMEOUT_FACTOR", "1")) * 10.0
+
+# Fast heartbeats so liveness tests finish quickly.
+HEARTBEAT = 0.2
+LIVENESS = 3
+
+
+def wait_for(predicate, timeout: float = T, what: str = "condition", interval: float = 0.02):
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes (then fail the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_url() -> str:
+    """A tcp:// URL on 127.0.0.1 with a port that was free a moment ago."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sock.close(0)
+    return f"tcp://127.0.0.1:{port}"
+
+
+class Proc:
+    """A CLI process whose stderr is kept for assertions and failure messages."""
+
+    def __init__(self, args: list[str], env: dict | None = None) -> None:
+        self.args = args
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = T) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.args!r} did not exit within {timeout:g} s:\n{self.output()}")
+
+    def output(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(T)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(T)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def cli(name: str) -> list[str]:
+    """The command line that runs one of our console scripts with this interpreter."""
+    module = {
+        "remoterl-broker": "remoterl.broker.cli",
+        "remoterl-worker": "remoterl.workers.cli",
+        "remoterl": "remoterl.cli",
+    }[name]
+    return [sys.executable, "-m", module]
+
+
+@pytest.fixture
+def procs():
+    """Start CLI processes; all are stopped (SIGTERM, then SIGKILL) at teardown."""
+    started: list[Proc] = []
+
+    def start(args: list[str], env: dict | None = None) -> Proc:
+        proc = Proc(args, env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def broker_url():
+    return free_url()

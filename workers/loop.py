@@ -1,0 +1,232 @@
+"""The worker's I/O: a DEALER to the broker around a :class:`~remoterl.workers.runtime.SlotHost`.
+
+One thread owns the main socket and runs env calls; a heartbeat thread with its own
+socket pings the broker every ``heartbeat`` seconds, naming the main socket's routing
+id, so a long env call does not make the worker look dead. When the broker goes
+silent for ``heartbeat × liveness`` seconds, says it does not know this worker, or
+sends DISCONNECT, the worker closes its envs (their clients are gone with the old
+broker session), opens a new socket and sends READY again (RFC 7's reconnect rule).
+
+Stopping (:meth:`WorkerLoop.stop`, e.g. from SIGTERM) lets the call in flight finish,
+sends DISCONNECT and closes the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+import zmq
+
+from remoterl import protocol as p
+from remoterl.protocol import WorkerCommand as W
+from remoterl.workers.runtime import SlotHost
+
+__all__ = ["WorkerLoop"]
+
+log = logging.getLogger(__name__)
+
+_CALL = p.worker_frame(W.CALL)
+_REPLY = p.worker_frame(W.REPLY)
+
+
+class _Stop(Exception):
+    """Raised from a signal handler to leave an idle ``poll`` at once."""
+
+
+class WorkerLoop:
+    """Serve a slot host through the broker at ``url`` until stopped.
+
+    Args:
+        url: the broker's address, e.g. ``tcp://127.0.0.1:5555``.
+        host: the slot host to serve.
+        heartbeat: seconds between heartbeats (the broker's WELCOME overrides it).
+        liveness: heartbeats missed before the broker is considered lost.
+        name: shown in the broker's status.
+    """
+
+    def __init__(self, url: str, host: SlotHost, *, heartbeat: float = 1.0, liveness: int = 3,
+                 name: str | None = None, context: zmq.Context | None = None) -> None:
+        self.url = url
+        self.host = host
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self.identity = b""
+        self.registered = threading.Event()
+        self._stopping = False
+        self._in_poll = False
+        self._reconnect = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+
+    # --- control -------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the call in flight, then DISCONNECT and close (safe from signal handlers)."""
+        self._stopping = True
+        if self._in_poll and threading.current_thread() is threading.main_thread():
+            raise _Stop
+
+    def run(self) -> None:
+        """Register with the broker and serve until :meth:`stop`."""
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="remoterl-worker-heartbeat", daemon=True)
+        self._hb_thread.start()
+        try:
+            while not self._stopping:
+                self._connect()
+                self._serve()
+        except _Stop:
+            pass
+        finally:
+            self._disconnect()
+
+    # --- registration -----------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """A fresh socket and identity, then READY (repeated until the broker answers)."""
+        self.host.close_all()
+        self._close_socket()
+        self.registered.clear()
+        self._reconnect.clear()
+        self.identity = b"W" + os.urandom(15)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.connect(self.url)
+        self._sock = sock
+        ready = p.encode_header({
+            "v": p.PROTOCOL_VERSION, "envs": self.host.served(), "capacity": self.host.capacity,
+            "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
+        })
+        sock.send_multipart([p.worker_frame(W.READY), ready])
+        log.info("worker %s: READY sent to %s", self.name, self.url)
+
+    def _welcome(self, frames: list) -> None:
+        header = p.decode_header(frames[1])
+        heartbeat = header.get("heartbeat")
+        liveness = header.get("liveness")
+        if isinstance(heartbeat, (int, float)) and heartbeat > 0:
+            self.heartbeat = float(heartbeat)
+        if isinstance(liveness, int) and liveness > 0:
+            self.liveness = liveness
+        self._last_pong = time.monotonic()
+        self.registered.set()
+        log.info("worker %s registered with broker %s", self.name, header.get("broker"))
+
+    # --- serving --------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        host = self.host
+        recv, send = sock.recv_multipart, sock.send_multipart
+        deadline = time.monotonic() + self.heartbeat * self.liveness
+        while not self._stopping and not self._reconnect.is_set():
+            self._in_poll = True
+            try:
+                ready = sock.poll(self.heartbeat * 1000)
+            finally:
+                self._in_poll = False
+            if not ready:
+                if not self.registered.is_set() and time.monotonic() > deadline:
+                    log.warning("worker %s: no answer from broker %s; sending READY again", self.name, self.url)
+                    return
+                continue
+            frames = recv(copy=False)
+            frame0 = frames[0].bytes
+            if frame0 == _CALL and len(frames) >= 3:
+                client = frames[1].bytes
+                header, out = host.call(client, frames[2], frames, 3)
+                send([_REPLY, client, header, *out], copy=False)
+            else:
+                self._control(frame0, frames)
+
+    def _control(self, frame0: bytes, frames: list) -> None:
+        sock = self._sock
+        assert sock is not None
+        kind, command = p.signature(frame0)
+        if kind != "rl-worker":
+            log.warning("worker %s: ignoring a message with signature %r", self.name, frame0[:8])
+            return
+        try:
+            if command == W.OPEN:
+                client = frames[1].bytes
+                reply = self.host.open(client, p.decode_header(frames[2]))
+                sock.send_multipart([p.worker_frame(W.OPENED), client, p.encode_header(reply)])
+            elif command == W.CLOSE:
+                header = p.decode_header(frames[2])
+                self.host.close(frames[1].bytes, header.get("slots") or [])
+            elif command == W.WELCOME:
+                self._welcome(frames)
+            elif command == W.DISCONNECT:
+                log.warning("worker %s: broker asked us to re-register", self.name)
+                self._reconnect.set()
+            else:
+                log.warning("worker %s: unexpected command 0x%02x from broker", self.name, command)
+        except Exception:  # bad control input must not stop the worker
+            log.exception("worker %s: failed to handle command 0x%02x", self.name, command or 0)
+
+    # --- heartbeats -----------------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        """Ping the broker on a side socket; flag a reconnect when it is lost or forgot us."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.url)
+        frame = p.worker_frame(W.HEARTBEAT)
+        self._last_pong = time.monotonic()
+        try:
+            while not self._stopping:
+                if not self.registered.wait(0.05):
+                    continue
+                identity = self.identity
+                sent = time.monotonic()
+                sock.send_multipart([frame, p.encode_header({"id": identity, "stats": dict(self.host.stats,
+                                                             slots=len(self.host.slots))})])
+                deadline = sent + self.heartbeat
+                while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                    if not sock.poll(remaining * 1000):
+                        break
+                    pong = p.decode_header(sock.recv_multipart()[1])
+                    if pong.get("id", identity) != self.identity:
+                        continue  # a pong for an identity we no longer use
+                    self._last_pong = time.monotonic()
+                    if not pong.get("known", True) and self.registered.is_set():
+                        log.warning("worker %s: broker %s does not know us (restarted?); re-registering",
+                                    self.name, pong.get("broker"))
+                        self._reconnect.set()
+                if self.registered.is_set() and time.monotonic() - self._last_pong > self.heartbeat * self.liveness:
+                    log.warning("worker %s: broker %s silent for %.1f s; reconnecting", self.name, self.url,
+                                time.monotonic() - self._last_pong)
+                    self._reconnect.set()
+                    self.registered.clear()
+        except Exception:  # the heartbeat thread must not die silently
+            log.exception("worker %s: heartbeat thread failed", self.name)
+        finally:
+            sock.close(0)
+
+    # --- shutdown ---------------------------------------------------------------------------------------
+
+    def _disconnect(self) -> None:
+        self._stopping = True
+        if self._sock is not None and self.registered.is_set():
+            try:
+                self._sock.send_multipart([p.worker_frame(W.DISCONNECT)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.host.close_all()
+        self._close_socket(linger_ms=500)
+        if self._hb_thread is not None:
+            self._hb_thread.join(2.0)
+        log.info("worker %s stopped", self.name)
+
+    def _close_socket(self, linger_ms: int = 0) -> None:
+        if self._sock is not None:
+            self._sock.setsockopt(zmq.LINGER, linger_ms)
+            self._sock.close()
+            self._sock = None

@@ -1,0 +1,137 @@
+"""``--procs``: start worker processes, restart the ones that crash, stop them all on request.
+
+Each child is a full worker (its own socket, heartbeats and share of the slots), so the
+broker sees P workers and places slots over them. Children die with the parent even if
+it is killed with SIGKILL (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+
+__all__ = ["WorkerSpec", "WorkerPool", "run_worker", "split_capacity"]
+
+log = logging.getLogger(__name__)
+
+# A child that crashes more often than this is not restarted again.
+_MAX_RESTARTS = 5
+_RESTART_WINDOW = 60.0
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker process needs; picklable (it crosses a spawn boundary)."""
+
+    url: str
+    env_ids: list[str] | None
+    capacity: int
+    imports: list[str] = field(default_factory=list)
+    heartbeat: float = 1.0
+    liveness: int = 3
+    name: str | None = None
+    log_level: int = logging.WARNING
+
+
+def split_capacity(n: int, procs: int) -> list[int]:
+    """Share ``n`` slots over ``procs`` processes as evenly as possible."""
+    base, extra = divmod(n, procs)
+    return [base + (1 if i < extra else 0) for i in range(procs)]
+
+
+def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
+    """Run one worker in this process until SIGTERM/SIGINT (the child's entry point)."""
+    from remoterl._process import die_with_parent
+    from remoterl.workers.loop import WorkerLoop
+    from remoterl.workers.runtime import SlotHost, import_modules
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+        logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import_modules(spec.imports)
+    loop = WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity),
+                      heartbeat=spec.heartbeat, liveness=spec.liveness, name=spec.name)
+
+    def _stop(signum: int, _frame: object) -> None:
+        loop.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    loop.run()
+
+
+class WorkerPool:
+    """Supervise ``len(specs)`` worker processes."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        self.specs = specs
+        self._ctx = multiprocessing.get_context("spawn")
+        self.procs: list = [None] * len(specs)
+        self._restarts: list[list[float]] = [[] for _ in specs]
+        self._stopping = False
+
+    def start(self) -> None:
+        for i in range(len(self.specs)):
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        proc = self._ctx.Process(target=run_worker, args=(self.specs[i], os.getpid()),
+                                 name=f"remoterl-worker-{i}", daemon=False)
+        proc.start()
+        self.procs[i] = proc
+
+    def stop(self) -> None:
+        """Ask every child to stop (SIGTERM); safe from a signal handler."""
+        self._stopping = True
+        for proc in self.procs:
+            if proc is not None and proc.pid is not None and proc.exitcode is None:
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def supervise(self) -> int:
+        """Wait for the children, restarting crashed ones, until stopped; return an exit code."""
+        while not self._stopping:
+            alive = {proc.sentinel: i for i, proc in enumerate(self.procs) if proc is not None and proc.exitcode is None}
+            if not alive:
+                break
+            for sentinel in wait(list(alive), timeout=1.0):
+                i = alive[sentinel]
+                proc = self.procs[i]
+                proc.join()
+                if self._stopping:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in self._restarts[i] if now - t < _RESTART_WINDOW]
+                self._restarts[i] = recent
+                if len(recent) >= _MAX_RESTARTS:
+                    log.error("worker process %d exited with %s %d times in %.0f s; not restarting it",
+                              i, proc.exitcode, len(recent), _RESTART_WINDOW)
+                    self.procs[i] = None
+                    continue
+                log.warning("worker process %d exited with code %s; restarting it", i, proc.exitcode)
+                recent.append(now)
+                self._start(i)
+        return self.join()
+
+    def join(self, timeout: float = 10.0) -> int:
+        """Wait for stopped children (SIGKILL after ``timeout``); 0 if all exited cleanly."""
+        deadline = time.monotonic() + timeout
+        code = 0
+        for proc in self.procs:
+            if proc is None:
+                continue
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                log.warning("worker process %s did not stop; killing it", proc.pid)
+                proc.kill()
+                proc.join()
+            if proc.exitcode not in (0, -signal.SIGTERM):
+                code = 1
+        return code

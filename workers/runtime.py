@@ -1,0 +1,356 @@
+"""The slot host: env instances on a worker, driven by decoded calls, without sockets.
+
+Theory of operation
+-------------------
+A worker hosts *slots*; each slot is one env instance created for one client by an
+OPEN that the broker placed here. The loop (``remoterl.workers.loop``) hands this
+object three kinds of request and sends back what it returns:
+
+* ``open(client, header)`` creates the envs for the listed slot ids and describes
+  the env once (spaces, metadata, spec) for the client to cache.
+* ``call(client, header_frame, frames)`` runs one batched call for many slots of
+  one client — ``reset`` or ``step`` — and returns ONE reply: observations stacked
+  per slot order, rewards, flags, and per-slot infos.
+* ``close(client, slots)`` closes envs.
+
+Vector semantics (autoreset) live here, so an episode boundary costs no extra round
+trip. The mode travels with each step call (``"m"``) and follows
+``gymnasium.vector.SyncVectorEnv.step`` line for line:
+
+========== ===============================================================
+NEXT_STEP  a slot that ended on the previous step is reset instead of stepped;
+           reward 0, flags False, the reset info is the step info.
+SAME_STEP  a slot that ends is reset at once; its final obs and info travel in
+           ``final`` beside the reset obs and info.
+DISABLED   stepping a slot that ended without a reset is an error.
+(none)     a single env: step only, unbatched values (``RemoteEnv``).
+========== ===============================================================
+
+The client rebuilds the vector ``infos`` dict (``_key`` masks, ``final_obs``) with
+gymnasium's own ``VectorEnv._add_info`` in global slot order, since one vector env's
+slots may live on several workers.
+
+Failures: an exception inside an env becomes an ``env`` error reply with the
+traceback text; the slot host keeps serving every slot. A call naming a slot the
+client does not own gets a ``closed`` error. Nothing a client sends raises out of
+:meth:`SlotHost.call`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gymnasium
+import numpy as np
+from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
+
+from remoterl import codec
+from remoterl.errors import CodecError, ProtocolError, RemoteRLError, error_to_wire
+from remoterl.spaces import space_to_wire
+
+__all__ = ["AUTORESET_MODES", "SlotHost"]
+
+log = logging.getLogger(__name__)
+
+# Autoreset modes on the wire ("m" in a step call), named as in gymnasium.vector.AutoresetMode.
+AUTORESET_MODES = {0: "next_step", 1: "same_step", 2: "disabled"}
+_NEXT_STEP, _SAME_STEP, _DISABLED = 0, 1, 2
+
+
+@dataclass(eq=False)
+class _Slot:
+    id: int
+    client: bytes
+    env_id: str
+    env: Any
+    autoreset: bool = False
+
+
+class SlotHost:
+    """Env slots of one worker process.
+
+    Args:
+        env_ids: env ids this worker serves; ``None`` serves every id registered in
+            gymnasium (the embedded default).
+        capacity: the most slots hosted at once (announced in READY).
+        make: the env factory, ``gymnasium.make`` by default.
+    """
+
+    def __init__(self, env_ids: list[str] | None, capacity: int, make: Callable[..., Any] | None = None) -> None:
+        self.env_ids = None if env_ids is None else list(dict.fromkeys(env_ids))
+        self.capacity = capacity
+        self._make = make or gymnasium.make
+        self.slots: dict[int, _Slot] = {}
+        self.stats = {"steps": 0, "resets": 0, "calls": 0, "errors": 0}
+        self._batched: dict[tuple, Any] = {}
+        self._ops = {"step": self._step, "reset": self._reset}
+
+    # --- what the broker is told ------------------------------------------------------------
+
+    def served(self) -> list[str]:
+        """Env ids for READY; ``["*"]`` means any id gymnasium can make here."""
+        return ["*"] if self.env_ids is None else list(self.env_ids)
+
+    # --- open / close ----------------------------------------------------------------------
+
+    def open(self, client: bytes, header: dict) -> dict:
+        """Create envs for the slots of an OPEN; return the OPENED header.
+
+        On failure every env created for this OPEN is closed again and the header
+        carries ``error`` instead of ``env``.
+        """
+        r, env_id, kwargs, slot_ids = header.get("r"), header.get("env"), header.get("kwargs") or {}, header.get("slots")
+        reply: dict = {"r": r, "slots": slot_ids}
+        if not isinstance(env_id, str) or not isinstance(slot_ids, list) or not isinstance(kwargs, dict):
+            reply["error"] = {"code": "protocol", "msg": "OPEN needs env (str), kwargs (map) and slots (list)"}
+            return reply
+        if self.env_ids is not None and env_id not in self.env_ids:
+            reply["error"] = {"code": "no_worker", "msg": f"this worker does not serve {env_id!r}"}
+            return reply
+        if len(self.slots) + len(slot_ids) > self.capacity:
+            reply["error"] = {"code": "capacity", "msg": f"this worker has {self.capacity - len(self.slots)} free slots"}
+            return reply
+        created: list[_Slot] = []
+        try:
+            for slot_id in slot_ids:
+                env = self._make(env_id, **kwargs)
+                created.append(_Slot(slot_id, client, env_id, env))
+            reply["env"] = codec.encode(_describe(created[0].env), frame_threshold=1 << 62, name="env")[0]
+        except Exception as exc:  # env construction is user code: report, never crash
+            for slot in created:
+                _close_env(slot.env)
+            reply["error"] = _env_error(exc, f"could not make {env_id!r} with kwargs {kwargs!r}")
+            if isinstance(exc, gymnasium.error.Error) and "not found" in str(exc).lower():
+                reply["error"]["code"] = "no_worker"
+            return reply
+        for slot in created:
+            self.slots[slot.id] = slot
+        return reply
+
+    def close(self, client: bytes, slot_ids: list) -> None:
+        """Close the client's envs in ``slot_ids``; unknown or foreign slots are ignored."""
+        for slot_id in slot_ids:
+            slot = self.slots.get(slot_id)
+            if slot is not None and slot.client == client:
+                del self.slots[slot_id]
+                _close_env(slot.env)
+
+    def close_all(self) -> None:
+        """Close every env (the broker session ended)."""
+        for slot in self.slots.values():
+            _close_env(slot.env)
+        self.slots.clear()
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    def call(self, client: bytes, header: Any, frames: list, start: int = 0) -> tuple[bytes, list]:
+        """Run one batched call; return the reply ``(header_bytes, array_frames)``.
+
+        Args:
+            client: the calling client's routing id (slot ownership is checked against it).
+            header: the call's codec header frame.
+            frames: the message frames; array frames start at ``frames[start]``.
+        """
+        self.stats["calls"] += 1
+        r = None
+        try:
+            request = codec.decode(header, frames, start)
+            if not isinstance(request, dict):
+                raise ProtocolError("a call must be a map")
+            r = request.get("r")
+            op = self._ops.get(request.get("op"))
+            if op is None:
+                raise ProtocolError(f"unknown call op {request.get('op')!r}")
+            slots = self._own(client, request.get("slots"))
+            reply = op(slots, request)
+            reply["r"] = r
+            return codec.encode(reply, name="reply")
+        except _EnvFailure as failure:
+            self.stats["errors"] += 1
+            return codec.encode({"r": r, "error": failure.desc})[0], []
+        except RemoteRLError as exc:
+            self.stats["errors"] += 1
+            return codec.encode({"r": r, "error": error_to_wire(exc)})[0], []
+        except Exception as exc:  # a bug here must not take the worker down
+            log.exception("internal error in a call")
+            return codec.encode({"r": r, "error": _env_error(exc, "internal worker error")})[0], []
+
+    def _own(self, client: bytes, slot_ids: Any) -> list[_Slot]:
+        if not isinstance(slot_ids, list) or not slot_ids:
+            raise ProtocolError("a call needs a non-empty list of slots")
+        out = []
+        for slot_id in slot_ids:
+            slot = self.slots.get(slot_id)
+            if slot is None or slot.client != client:
+                raise _EnvFailure({"code": "closed", "msg": f"slot {slot_id!r} is not open on this worker"})
+            out.append(slot)
+        return out
+
+    def _reset(self, slots: list[_Slot], request: dict) -> dict:
+        seeds = request.get("seeds")
+        options = request.get("options")
+        if seeds is None:
+            seeds = [None] * len(slots)
+        if not isinstance(seeds, list) or len(seeds) != len(slots):
+            raise ProtocolError("reset seeds must be a list with one entry per slot")
+        obs_list, infos = [], []
+        for slot, seed in zip(slots, seeds):
+            try:
+                obs, info = slot.env.reset(seed=seed, options=options)
+            except Exception as exc:
+                raise _EnvFailure(_env_error(exc, f"reset failed in slot {slot.id}", slot.id)) from exc
+            slot.autoreset = False
+            obs_list.append(obs)
+            infos.append(info)
+        self.stats["resets"] += len(slots)
+        if request.get("single"):
+            return {"obs": obs_list[0], "info": infos[0]}
+        return {"obs": self._stack(slots, obs_list), "infos": infos}
+
+    def _step(self, slots: list[_Slot], request: dict) -> dict:
+        if request.get("single"):
+            return self._step_single(slots, request)
+        mode = request.get("m")
+        space = self._batched_space(slots[0], len(slots))
+        try:
+            actions = list(iterate(space, request.get("a")))
+        except Exception as exc:
+            raise ProtocolError(f"actions do not match the batched action space {space}: {exc}") from exc
+        if len(actions) != len(slots):
+            raise ProtocolError(f"got {len(actions)} actions for {len(slots)} slots")
+        k = len(slots)
+        obs_list: list = [None] * k
+        rewards = np.zeros(k, dtype=np.float64)
+        terminated = np.zeros(k, dtype=np.bool_)
+        truncated = np.zeros(k, dtype=np.bool_)
+        infos: list = [None] * k
+        final: list = []
+        for i, (slot, action) in enumerate(zip(slots, actions)):
+            env = slot.env
+            try:
+                if mode == _NEXT_STEP and slot.autoreset:
+                    obs_list[i], infos[i] = env.reset()
+                    self.stats["resets"] += 1
+                else:
+                    if mode == _DISABLED and slot.autoreset:
+                        raise AssertionError(
+                            f"slot {slot.id} ended and was not reset (autoreset mode DISABLED)")
+                    obs_list[i], rewards[i], terminated[i], truncated[i], infos[i] = env.step(action)
+                    self.stats["steps"] += 1
+                    if mode == _SAME_STEP and (terminated[i] or truncated[i]):
+                        final.append([i, obs_list[i], infos[i]])
+                        obs_list[i], infos[i] = env.reset()
+                        self.stats["resets"] += 1
+            except Exception as exc:
+                raise _EnvFailure(_env_error(exc, f"step failed in slot {slot.id}", slot.id)) from exc
+            slot.autoreset = bool(terminated[i] or truncated[i])
+        reply = {"obs": self._stack(slots, obs_list), "rew": rewards, "term": terminated,
+                 "trunc": truncated, "infos": infos}
+        if final:
+            reply["final"] = final
+        return reply
+
+    def _step_single(self, slots: list[_Slot], request: dict) -> dict:
+        # RemoteEnv: one slot, the action and the results exactly as the env gives them.
+        if len(slots) != 1:
+            raise ProtocolError("a single-env step names exactly one slot")
+        slot = slots[0]
+        try:
+            obs, reward, terminated, truncated, info = slot.env.step(request.get("a"))
+        except Exception as exc:
+            raise _EnvFailure(_env_error(exc, f"step failed in slot {slot.id}", slot.id)) from exc
+        self.stats["steps"] += 1
+        return {"obs": obs, "rew": reward, "term": terminated, "trunc": truncated, "info": info}
+
+    def _stack(self, slots: list[_Slot], obs_list: list) -> Any:
+        space = self._single_space(slots[0])
+        out = create_empty_array(space, len(obs_list))
+        return concatenate(space, obs_list, out)
+
+    def _single_space(self, slot: _Slot) -> Any:
+        return slot.env.observation_space
+
+    def _batched_space(self, slot: _Slot, k: int) -> Any:
+        key = (slot.env_id, id(slot.env.action_space), k)
+        space = self._batched.get(key)
+        if space is None:
+            if len(self._batched) > 256:
+                self._batched.clear()
+            space = self._batched[key] = batch_space(slot.env.action_space, k)
+        return space
+
+
+class _EnvFailure(Exception):
+    """An env (user code) failed; ``desc`` is the wire error."""
+
+    def __init__(self, desc: dict) -> None:
+        super().__init__(desc.get("msg"))
+        self.desc = desc
+
+
+def _env_error(exc: BaseException, context: str, slot: int | None = None) -> dict:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if isinstance(exc, CodecError):
+        return {"code": "codec", "msg": f"{context}: {exc}"}
+    desc = {"code": "env", "msg": f"{context}: {type(exc).__name__}: {exc}", "type": type(exc).__name__, "tb": tb}
+    if slot is not None:
+        desc["slot"] = slot
+    return desc
+
+
+def _close_env(env: Any) -> None:
+    try:
+        env.close()
+    except Exception:  # closing user code: log, carry on
+        log.exception("env.close() raised")
+
+
+def _describe(env: Any) -> dict:
+    """What a client caches about an env: spaces, metadata, render mode, spec."""
+    spec = getattr(env, "spec", None)
+    return {
+        "observation_space": space_to_wire(env.observation_space, name="observation_space"),
+        "action_space": space_to_wire(env.action_space, name="action_space"),
+        "metadata": _plain(dict(getattr(env, "metadata", {}) or {})),
+        "render_mode": getattr(env, "render_mode", None),
+        "spec": _spec_dict(spec),
+    }
+
+
+def _spec_dict(spec: Any) -> dict | None:
+    if spec is None:
+        return None
+    entry = spec.entry_point if isinstance(spec.entry_point, str) else None
+    return _plain({
+        "id": spec.id, "entry_point": entry, "reward_threshold": spec.reward_threshold,
+        "nondeterministic": spec.nondeterministic, "max_episode_steps": spec.max_episode_steps,
+        "order_enforce": spec.order_enforce, "disable_env_checker": spec.disable_env_checker,
+        "kwargs": dict(spec.kwargs or {}),
+    })
+
+
+def _plain(value: Any) -> Any:
+    """Keep only what can travel: metadata and spec kwargs may hold arbitrary objects."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if isinstance(k, str) and _travels(v)}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value if _travels(v))
+    return value
+
+
+def _travels(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, bytes, np.ndarray, np.generic)):
+        return True
+    if isinstance(value, (list, tuple, dict)):
+        return True
+    return False
+
+
+def import_modules(modules: list[str]) -> None:
+    """Import user modules so the env ids they register can be served (``--import``)."""
+    for name in modules:
+        importlib.import_module(name)
