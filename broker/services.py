@@ -71,4 +71,5 @@ def status(core: BrokerCore) -> dict:
                      "slots": len(c.slots)} for c in core.clients.values()],
         "open_slots": sum(1 for s in core.slots.values() if s.open),
         "counters": dict(core.counters),
+        "tables": core.table_sizes(),
     }

@@ -115,3 +115,33 @@ def procs():
 @pytest.fixture
 def broker_url():
     return free_url()
+
+
+def status(url: str) -> dict:
+    from remoterl.cli import fetch_status
+
+    return fetch_status(url, timeout=T)
+
+
+def start_broker(start, url: str, *extra: str) -> Proc:
+    """Start ``remoterl-broker`` on ``url`` with fast heartbeats; return once it answers."""
+    proc = start([*cli("remoterl-broker"), "--bind", url, "--heartbeat", str(HEARTBEAT),
+                  "--liveness", str(LIVENESS), *extra])
+    status(url)  # bounded: raises if the broker does not answer within T
+    return proc
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# Worker processes import the test envs (remoterl_test_envs) from this folder.
+TEST_ENV = {"PYTHONPATH": TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def start_worker(start, url: str, *extra: str, expect: int | None = None) -> Proc:
+    """Start ``remoterl-worker``; with ``expect``, wait until the broker lists that many workers."""
+    proc = start([*cli("remoterl-worker"), "--broker", url, "--heartbeat", str(HEARTBEAT),
+                  "--liveness", str(LIVENESS), *extra], TEST_ENV)
+    if expect is not None:
+        wait_for(lambda: len(status(url)["workers"]) >= expect or proc.proc.poll() is not None,
+                 what=f"{expect} workers registered")
+        assert proc.proc.poll() is None, proc.output()
+    return proc

@@ -50,6 +50,8 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if imports and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
     try:
         import_modules(list(imports))
     except ImportError as exc:
