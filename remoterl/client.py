@@ -122,6 +122,8 @@ class ClientCore:
         Raises:
             ProtocolError: the message is malformed (the caller logs and carries on).
         """
+        if not frames:
+            raise ProtocolError("empty message from the broker")
         frame0 = p.as_bytes(frames[0])
         if frame0 == _REPLY:
             if len(frames) < 2:
@@ -129,7 +131,7 @@ class ClientCore:
             reply = codec.decode(frames[1], frames, 2)
             if not isinstance(reply, dict):
                 raise ProtocolError("REPLY header is not a map")
-            entry = self.pending.pop(reply.get("r"), None)
+            entry = self.pending.pop(_request_id(reply), None)
             if entry is None:
                 return
             error = reply.get("error")
@@ -146,7 +148,7 @@ class ClientCore:
             self._worker_lost(header)
             return
         if command in (C.OPENED, C.CLOSED, C.ERROR):
-            entry = self.pending.pop(header.get("r"), None)
+            entry = self.pending.pop(_request_id(header), None)
             if entry is None:
                 if command == C.ERROR:
                     log.warning("broker error: %s", header.get("msg"))
@@ -163,7 +165,10 @@ class ClientCore:
     def _worker_lost(self, header: dict) -> None:
         worker = header.get("worker")
         reason = str(header.get("msg") or "worker lost")
-        for slot in header.get("slots") or []:
+        slots = header.get("slots") or []
+        if not isinstance(slots, list) or not all(isinstance(s, int) for s in slots):
+            raise ProtocolError("WORKER_LOST slots must be a list of integers")
+        for slot in slots:
             state = self.slots.get(slot)
             if state is not None and state.lost is None:
                 state.lost = reason
@@ -171,3 +176,10 @@ class ClientCore:
             if entry.worker is not None and entry.worker == worker:
                 del self.pending[r]
                 entry.complete(error=WorkerLostError(reason))
+
+
+def _request_id(header: dict) -> int | None:
+    r = header.get("r")
+    if r is not None and (not isinstance(r, int) or isinstance(r, bool)):
+        raise ProtocolError(f"request id must be an integer, got {type(r).__name__}")
+    return r

@@ -89,13 +89,25 @@ _PLAIN_KINDS = frozenset("biufcSUVMm")
 # numpy's own limit on dimensions; bounds what a peer can make us allocate.
 _MAX_NDIM = 64
 
-# msgpack's Packer refuses to nest deeper than this (DEFAULT_RECURSE_LIMIT).
-_MAX_DEPTH = 511
+# msgpack's unpacker reads at most this many nested containers (its packer
+# allows one more, then raises "recursion limit exceeded").
+_MAX_DEPTH = 1024
+
+# Each tuple level is a nested pack/unpack call that recurses through Python
+# *and* C: on decode, a few thousand levels overflow the C stack (a segfault,
+# not a RecursionError). Real values nest tuples a few levels at most.
+_MAX_TUPLE_DEPTH = 32
 
 # Per-(dtype, shape) and per-meta caches. A training loop sends the same few
 # shapes every step; caching saves building and parsing the meta each time.
 # Bounded because shapes (and, on decode, a peer's input) may vary without end.
 _CACHE_LIMIT = 1024
+
+# A thread's packers keep their buffers between calls. Start them small (the
+# default is 256 KiB each, times up to 33 per thread), and drop them after a
+# header this big so one huge value does not pin its buffer for ever.
+_PACKER_BUF_SIZE = 16 * 1024
+_PACKER_KEEP_LIMIT = 1024 * 1024
 
 _ALLOWED = "allowed: numbers, strings, bools, None, numpy arrays, lists/tuples/dicts of those"
 
@@ -170,6 +182,7 @@ class _Encoder:
                     use_bin_type=True,
                     strict_types=True,
                     datetime=False,
+                    buf_size=_PACKER_BUF_SIZE,
                 )
             )
         return self.packers[depth]
@@ -184,14 +197,17 @@ class _Encoder:
                 index = len(self.frames)
                 # STYLE §6: raw bytes of a Fortran-ordered (or strided) array
                 # would arrive scrambled, so frames are always C-contiguous.
-                self.frames.append(np.ascontiguousarray(obj))
+                frame = np.ascontiguousarray(obj)
+                if frame.dtype.kind in "Mm":
+                    # datetime64/timedelta64 refuse the buffer protocol that
+                    # zmq and memoryview use; the same 8 bytes as uint64 do not.
+                    frame = frame.view(np.uint64)
+                self.frames.append(frame)
                 return _new_tuple(_ExtType, (_EXT_FRAME, prefix + index.to_bytes(4, "little")))
             return _new_tuple(_ExtType, (_EXT_ARRAY, prefix + obj.tobytes()))
         if cls is tuple:
             depth = self.depth
-            # Deep tuple nesting never comes from a real env; cap it so a
-            # pathological value cannot grow the packer list without end.
-            if depth > 32:
+            if depth > _MAX_TUPLE_DEPTH:  # depth 1 is the outermost packer
                 raise _Unsupported
             packer = self.packer(depth)
             self.depth = depth + 1
@@ -200,7 +216,12 @@ class _Encoder:
             finally:
                 self.depth = depth
         if isinstance(obj, np.generic):
-            return _ext(_EXT_SCALAR, _meta_prefix(obj.dtype, ()) + obj.tobytes())
+            dtype, data = obj.dtype, obj.tobytes()
+            if len(data) != dtype.itemsize:
+                # np.str_("") claims dtype '<U0' but holds one (empty) char.
+                array = np.array(obj)
+                dtype, data = array.dtype, array.tobytes()
+            return _ext(_EXT_SCALAR, _meta_prefix(dtype, ()) + data)
         if isinstance(obj, dict):
             return dict(obj)  # OrderedDict, defaultdict: travel as a plain dict
         raise _Unsupported
@@ -246,6 +267,7 @@ def encode(
     try:
         header = packer.pack(obj)
     except (TypeError, ValueError, OverflowError, BufferError, RecursionError) as exc:
+        encoder.packers.clear()  # a failed pack may have grown a buffer: start afresh
         error = _explain(obj, name, exc)
         if isinstance(exc, _Unsupported):
             raise error from None  # the marker is no news: the message says it all
@@ -253,6 +275,8 @@ def encode(
     finally:
         encoder.depth = 0
         encoder.frames = []  # drop references to the caller's arrays
+    if len(header) > _PACKER_KEEP_LIMIT:
+        encoder.packers.clear()
     return header, frames
 
 
@@ -262,73 +286,84 @@ def encode(
 
 def _explain(obj: Any, name: str, exc: BaseException) -> CodecError:
     """Build the error for a failed :func:`encode`, naming the first bad value."""
-    try:
-        found = _find_unsendable(obj, name, set(), 0)
-    except RecursionError:  # the caller's stack was already deep
-        found = None
+    found = _find_unsendable(obj, name)
     if found is None:
         return CodecError(f"cannot send {name}: {exc}")
     path, reason = found
     return CodecError(f"cannot send {path}: {reason}")
 
 
-def _find_unsendable(obj: Any, path: str, ancestors: set[int], depth: int) -> tuple[str, str] | None:
+_LEAVE = object()  # stack marker: the walk is done with a container
+
+
+def _find_unsendable(obj: Any, name: str) -> tuple[str, str] | None:
     """Return ``(path, reason)`` for the first value in ``obj`` that cannot travel.
 
     Mirrors what ``Packer.pack`` with :meth:`_Encoder.default` accepts, in the
-    same order, so the value it names is the one that made packing fail.
+    same (depth-first) order, so the value it names is the one that made
+    packing fail. Iterative, because the values it must explain include ones
+    nested deeper than Python's recursion limit.
     """
-    cls = type(obj)
-    if obj is None or cls is bool or cls is float:
+    ancestors: set[int] = set()  # ids of the containers around the current value
+    # (value, path, containers around it, tuples among them)
+    stack: list[tuple[Any, str, int, int]] = [(obj, name, 0, 0)]
+    while stack:
+        value, path, depth, tuples = stack.pop()
+        if value is _LEAVE:
+            ancestors.discard(depth)  # for a _LEAVE entry, depth holds the id
+            continue
+        cls = type(value)
+        if not (cls is list or cls is tuple or isinstance(value, dict)):
+            reason = _leaf_reason(value)
+            if reason is not None:
+                return path, reason
+            continue
+        if id(value) in ancestors:
+            return path, "it contains itself (a reference cycle)"
+        tuples += cls is tuple
+        if depth >= _MAX_DEPTH or tuples > _MAX_TUPLE_DEPTH:
+            return path, f"nested too deeply (limits: {_MAX_DEPTH} levels, {_MAX_TUPLE_DEPTH} of them tuples)"
+        ancestors.add(id(value))
+        stack.append((_LEAVE, path, id(value), 0))
+        children: list[tuple[Any, str, int, int]] = []
+        if isinstance(value, dict):
+            for key, item in value.items():
+                children.append((key, f"{path} key {key!r}", depth + 1, tuples))
+                children.append((item, f"{path}[{key!r}]", depth + 1, tuples))
+        else:
+            children.extend((item, f"{path}[{i}]", depth + 1, tuples) for i, item in enumerate(value))
+        stack.extend(reversed(children))  # popped in order: first child first
+    return None
+
+
+def _leaf_reason(value: Any) -> str | None:
+    """Why a value that is not a list, tuple or dict cannot travel (None if it can)."""
+    cls = type(value)
+    if value is None or cls is bool or cls is float:
         return None
     if cls is int:
-        if -(2**63) <= obj < 2**64:
-            return None
-        return path, f"int {obj} does not fit in 64 bits"
+        return None if -(2**63) <= value < 2**64 else f"int {value} does not fit in 64 bits"
     if cls is str:
         try:
-            obj.encode("utf-8")
+            value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            return path, f"str is not valid UTF-8 ({exc.reason})"
+            return f"str is not valid UTF-8 ({exc.reason})"
         return None
     if cls in (bytes, bytearray, memoryview):
-        view = memoryview(obj)
+        view = memoryview(value)
         if not view.c_contiguous:
-            return path, "memoryview is not contiguous"
+            return "memoryview is not contiguous"
         if view.nbytes >= 2**32:
-            return path, f"{cls.__name__} of {view.nbytes} bytes exceeds msgpack's 4 GiB limit"
+            return f"{cls.__name__} of {view.nbytes} bytes exceeds msgpack's 4 GiB limit"
         return None
     if cls is msgpack.ExtType or cls is msgpack.Timestamp:
         return None
-    if cls is np.ndarray or isinstance(obj, np.generic):
-        if _plain_dtype(obj.dtype):
+    if cls is np.ndarray or isinstance(value, np.generic):
+        if _plain_dtype(value.dtype):
             return None
         what = "numpy array" if cls is np.ndarray else "numpy scalar"
-        return path, f"{what} of dtype {obj.dtype} is not supported ({_ALLOWED})"
-    if cls is list or cls is tuple or isinstance(obj, dict):
-        if id(obj) in ancestors:
-            return path, "it contains itself (a reference cycle)"
-        if depth >= _MAX_DEPTH or (cls is tuple and depth > 32):
-            return path, "nested too deeply"
-        ancestors.add(id(obj))
-        try:
-            if isinstance(obj, dict):
-                for key, value in obj.items():
-                    key_path = f"{path}[{key!r}]"
-                    found = _find_unsendable(key, f"{path} key {key!r}", ancestors, depth + 1)
-                    if found is None:
-                        found = _find_unsendable(value, key_path, ancestors, depth + 1)
-                    if found is not None:
-                        return found
-            else:
-                for i, item in enumerate(obj):
-                    found = _find_unsendable(item, f"{path}[{i}]", ancestors, depth + 1)
-                    if found is not None:
-                        return found
-        finally:
-            ancestors.discard(id(obj))
-        return None
-    return path, f"type {cls.__name__!r} is not supported ({_ALLOWED})"
+        return f"{what} of dtype {value.dtype} is not supported ({_ALLOWED})"
+    return f"type {cls.__name__!r} is not supported ({_ALLOWED})"
 
 
 # ----------------------------------------------------------------------------
@@ -440,7 +475,10 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
             ext code, bad dtype or shape, wrong length, bad frame index).
         TypeError: ``header`` is not bytes-like (a bug in the caller, not the peer).
     """
+    tuple_depth = 0
+
     def ext_hook(code: int, data: bytes) -> Any:
+        nonlocal tuple_depth
         if code == _EXT_ARRAY:
             return _inline_array(data)
         if code == _EXT_FRAME:
@@ -464,7 +502,13 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
         if code == _EXT_SCALAR:
             return _scalar(data)
         if code == _EXT_TUPLE:
-            items = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+            if tuple_depth >= _MAX_TUPLE_DEPTH:
+                raise ProtocolError(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep")
+            tuple_depth += 1
+            try:
+                items = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
+            finally:
+                tuple_depth -= 1
             if type(items) is not list:
                 raise ProtocolError("malformed tuple: payload is not an array")
             return tuple(items)

@@ -96,7 +96,9 @@ def _unsupported(space: Any, name: str) -> UnsupportedSpaceError:
             break
     else:
         what = cls.__name__
-    return UnsupportedSpaceError(f"{name}: gymnasium space {what} is not supported on the wire ({_SUPPORTED})")
+    return UnsupportedSpaceError(
+        f"{name}: gymnasium space {what} is not supported on the wire ({_SUPPORTED})"
+    )
 
 
 def _box_to_wire(space: spaces.Box, name: str) -> dict:

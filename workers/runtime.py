@@ -111,6 +111,10 @@ class SlotHost:
         if self.env_ids is not None and env_id not in self.env_ids:
             reply["error"] = {"code": "no_worker", "msg": f"this worker does not serve {env_id!r}"}
             return reply
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in slot_ids) \
+                or len(set(slot_ids)) != len(slot_ids) or any(s in self.slots for s in slot_ids):
+            reply["error"] = {"code": "protocol", "msg": f"OPEN slots {slot_ids!r} must be distinct new integers"}
+            return reply
         if len(self.slots) + len(slot_ids) > self.capacity:
             reply["error"] = {"code": "capacity", "msg": f"this worker has {self.capacity - len(self.slots)} free slots"}
             return reply
@@ -124,7 +128,7 @@ class SlotHost:
             for slot in created:
                 _close_env(slot.env)
             reply["error"] = _env_error(exc, f"could not make {env_id!r} with kwargs {kwargs!r}")
-            if isinstance(exc, gymnasium.error.Error) and "not found" in str(exc).lower():
+            if isinstance(exc, gymnasium.error.UnregisteredEnv):
                 reply["error"]["code"] = "no_worker"
             return reply
         for slot in created:
@@ -215,6 +219,8 @@ class SlotHost:
         if request.get("single"):
             return self._step_single(slots, request)
         mode = request.get("m")
+        if mode not in AUTORESET_MODES:
+            raise ProtocolError(f"step 'm' must be an autoreset mode {sorted(AUTORESET_MODES)}, got {mode!r}")
         space = self._batched_space(slots[0], len(slots))
         try:
             actions = list(iterate(space, request.get("a")))
