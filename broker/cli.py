@@ -19,8 +19,9 @@ __all__ = ["main"]
 @click.option("--liveness", type=click.IntRange(min=1), default=3,
               help="Heartbeats a peer may miss before it is declared dead.")
 @click.option("--max-message-size", type=click.IntRange(min=1024), default=64 * 1024 * 1024,
-              help="Largest message accepted, in bytes (ZMQ_MAXMSGSIZE per frame; whole messages "
-                   "over it get an error reply).")
+              help="Largest message accepted, in bytes. A frame over it makes libzmq drop the "
+                   "connection (ZMQ_MAXMSGSIZE); a client message whose frames add up to more gets an "
+                   "error reply.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
 def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, verbose: int) -> None:
     """Route trainers' environment calls to simulator workers.

@@ -327,6 +327,10 @@ class BrokerCore:
             self._bad(sender, frames, "CALL needs worker and header frames")
             return
         worker_id = p.as_bytes(frames[1])
+        if sum(map(len, frames)) > self.config.max_message_size:
+            self._bad(sender, frames, f"CALL exceeds the limit of {self.config.max_message_size} bytes",
+                      code="too_large")
+            return
         if client is None or not client.workers.get(worker_id):
             self._call_refused(sender, frames, worker_id, client)
             return
@@ -391,17 +395,19 @@ class BrokerCore:
         env = header.get("env")
         n = header.get("n", 1)
         kwargs = header.get("kwargs") or {}
+        opts = header.get("opts") or {}
         max_workers = header.get("max_workers")
         if not isinstance(env, str) or not env:
             raise _Reply(r, "protocol", "OPEN needs an env id string")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise _Reply(r, "protocol", f"OPEN needs n >= 1 slots, got {n!r}")
-        if not isinstance(kwargs, dict):
-            raise _Reply(r, "protocol", "OPEN kwargs must be a map")
+        if not isinstance(kwargs, dict) or not isinstance(opts, dict):
+            raise _Reply(r, "protocol", "OPEN kwargs and opts must be maps")
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
             raise _Reply(r, "protocol", f"max_workers must be a positive integer, got {max_workers!r}")
         client = self._client(sender, now)
-        serving = [self.workers[w] for w in self.env_index.get(env, ())]
+        # "*": a worker that serves any env id gymnasium can make there (the embedded default).
+        serving = [self.workers[w] for w in self.env_index.get(env, set()) | self.env_index.get("*", set())]
         if not serving:
             raise _Reply(r, "no_worker", self._no_worker_message(env))
         placement = _place(serving, n, max_workers)
@@ -428,7 +434,7 @@ class BrokerCore:
             sender, r, env, order, set(by_worker), now + self.config.open_timeout)
         for worker_id, slot_ids in by_worker.items():
             self._out.append([worker_id, p.worker_frame(W.OPEN), sender, p.encode_header(
-                {"r": open_r, "env": env, "kwargs": kwargs, "slots": slot_ids})])
+                {"r": open_r, "env": env, "kwargs": kwargs, "opts": opts, "slots": slot_ids})])
         self.counters["opens"] += 1
 
     def _no_worker_message(self, env: str) -> str:
@@ -483,7 +489,7 @@ class BrokerCore:
         if not isinstance(wanted, list):
             raise _Reply(r, "protocol", "CLOSE needs a list of slots")
         client = self._client(sender, now)
-        mine = [self.slots[s] for s in wanted if isinstance(s, int) and s in client.slots]
+        mine = [self.slots[s] for s in dict.fromkeys(s for s in wanted if type(s) is int and s in client.slots)]
         self._close_slots(mine)
         self._out.append([sender, p.client_frame(C.CLOSED), p.encode_header({"r": r, "closed": [s.id for s in mine]})])
 
@@ -555,7 +561,8 @@ class BrokerCore:
                 self._out.append([worker_id, p.worker_frame(W.CLOSE), client_id, p.encode_header({"slots": ids})])
 
     def _forget_slot(self, slot: Slot) -> None:
-        self.slots.pop(slot.id, None)
+        if self.slots.pop(slot.id, None) is None:
+            return  # already forgotten: the counters below must drop once per slot
         worker = self.workers.get(slot.worker)
         if worker is not None:
             worker.slots.discard(slot.id)
@@ -628,8 +635,8 @@ class BrokerCore:
         worker = self.mdp_workers.get(sender)
         if msg.command == "READY":
             if worker is not None or sender in self.workers or sender in self.clients:
-                if worker is not None:
-                    self._drop_mdp_worker(worker)
+                if worker is not None:  # a second READY re-registers the worker, as for remoterl workers
+                    self._drop_mdp_worker(worker, notify=False)
                 else:
                     raise ProtocolError("this peer is already registered in another role")
             worker = self.mdp_workers[sender] = MdpWorker(sender, msg.service, msg.version, msg.empty_prefix, now)

@@ -27,7 +27,8 @@ def answer(core: BrokerCore, service: bytes, body: list) -> list[bytes]:
     if service == b"mmi.service":
         name = bytes(body[0]) if body else b""
         svc = core.mdp_services.get(name)
-        known = (svc is not None and svc.workers > 0) or name.decode("utf-8", "replace") in core.env_index
+        env_id = name.decode("utf-8", "replace")
+        known = (svc is not None and svc.workers > 0) or env_id in core.env_index or "*" in core.env_index
         return [b"200" if known else b"404"]
     if service == b"remoterl.status":
         return [json.dumps(status(core)).encode()]
@@ -46,7 +47,7 @@ def status(core: BrokerCore) -> dict:
             "capacity": worker.capacity,
             "slots": len(worker.slots),
             "calls": worker.calls,
-            "stats": {k: v for k, v in worker.stats.items() if isinstance(v, (int, float))},
+            "stats": {k: v for k, v in worker.stats.items() if isinstance(k, str) and isinstance(v, (int, float))},
         })
     for worker in core.mdp_workers.values():
         workers.append({

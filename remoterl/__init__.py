@@ -20,6 +20,7 @@ _LAZY: dict[str, str] = {
     "CapacityError": "remoterl.errors",
     "CodecError": "remoterl.errors",
     "EnvClosedError": "remoterl.errors",
+    "InvalidActionError": "remoterl.errors",
     "MessageTooLargeError": "remoterl.errors",
     "NoWorkerError": "remoterl.errors",
     "ProtocolError": "remoterl.errors",
@@ -28,8 +29,14 @@ _LAZY: dict[str, str] = {
     "RemoteTimeoutError": "remoterl.errors",
     "UnsupportedSpaceError": "remoterl.errors",
     "WorkerLostError": "remoterl.errors",
-    # client
+    # client and proxies
     "Client": "remoterl.transport",
+    "RemoteEnv": "remoterl.env",
+    "RemoteEnvVec": "remoterl.vector",
+    # lifecycle
+    "get_client": "remoterl.lifecycle",
+    "init": "remoterl.lifecycle",
+    "shutdown": "remoterl.lifecycle",
 }
 
 __all__ = ["__version__", *sorted(_LAZY)]

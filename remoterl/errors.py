@@ -20,6 +20,8 @@ an error also derives from it (a timeout is a ``TimeoutError``, a lost peer a
     │                                  the worker holding a slot died: the env's state is gone
     ├── RemoteEnvError                 the env raised on the simulator: carries its traceback
     ├── EnvClosedError                 you closed it (not "it broke")
+    ├── InvalidActionError (ValueError)
+    │                                  an action that cannot fit the action space (not sent)
     ├── RemoteTimeoutError (TimeoutError)
     │                                  no reply within the call's timeout
     └── AuthenticationError            wrong or missing API key
@@ -37,6 +39,7 @@ __all__ = [
     "CapacityError",
     "CodecError",
     "EnvClosedError",
+    "InvalidActionError",
     "MessageTooLargeError",
     "NoWorkerError",
     "ProtocolError",
@@ -120,6 +123,10 @@ class RemoteEnvError(RemoteRLError):
 
 class EnvClosedError(RemoteRLError):
     """The env (or vector env) was closed by its owner and cannot be used any more."""
+
+
+class InvalidActionError(RemoteRLError, ValueError):
+    """An action whose shape or type cannot fit the action space; nothing was sent."""
 
 
 class RemoteTimeoutError(RemoteRLError, TimeoutError):

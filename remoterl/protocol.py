@@ -110,7 +110,7 @@ class ClientCommand(enum.IntEnum):
 
     HELLO = 0x01        # c→b {v, name?, pid?, key?}
     WELCOME = 0x02      # b→c {v, broker, heartbeat, liveness, max_message_size}
-    OPEN = 0x03         # c→b {r, env, kwargs, n, max_workers?}
+    OPEN = 0x03         # c→b {r, env, kwargs, opts?, n, max_workers?}
     OPENED = 0x04       # b→c {r, slots: [[slot, worker], ...], env: {...}}
     CLOSE = 0x05        # c→b {r, slots}
     CLOSED = 0x06       # b→c {r}
@@ -127,7 +127,7 @@ class WorkerCommand(enum.IntEnum):
 
     READY = 0x01        # w→b {v, envs, capacity, name?, pid?, host?, key?}
     WELCOME = 0x02      # b→w {v, broker, heartbeat, liveness}
-    OPEN = 0x03         # b→w frames: client, {r, env, kwargs, slots}
+    OPEN = 0x03         # b→w frames: client, {r, env, kwargs, opts, slots}
     OPENED = 0x04       # w→b frames: client, {r, slots, env?|error?}
     CLOSE = 0x05        # b→w frames: client, {slots}; no reply
     HEARTBEAT = 0x07    # w→b {id, stats?}; b→w {broker, known}

@@ -160,9 +160,17 @@ class Client:
 
     # --- slots ------------------------------------------------------------------------------------
 
-    def open(self, env_id: str, n: int = 1, kwargs: dict | None = None, *,
+    def open(self, env_id: str, n: int = 1, kwargs: dict | None = None, *, opts: dict | None = None,
              max_workers: int | None = None, timeout: float | None = None) -> Opened:
         """Open ``n`` slots of ``env_id``; the broker places them on the least-loaded workers.
+
+        Args:
+            env_id: a gymnasium env id.
+            n: how many slots (env instances).
+            kwargs: for ``gymnasium.make`` on the worker.
+            opts: hosting options for the worker (``{"bare": True}``: no wrappers).
+            max_workers: spread the slots over at most this many workers.
+            timeout: seconds to wait (env construction may be slow).
 
         Raises:
             NoWorkerError: no worker serves ``env_id`` (the message lists what is served).
@@ -174,6 +182,8 @@ class Client:
             header = {"r": entry.r, "env": env_id, "n": n, "kwargs": kwargs or {}}
             if max_workers is not None:
                 header["max_workers"] = max_workers
+            if opts:
+                header["opts"] = opts
             self._send([p.client_frame(C.OPEN), p.encode_header(header)])
             reply = self._wait_one(entry, timeout if timeout is not None else max(self.timeout, 120.0))
             slots = [s for s, _ in reply["slots"]]

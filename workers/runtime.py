@@ -118,10 +118,16 @@ class SlotHost:
         if len(self.slots) + len(slot_ids) > self.capacity:
             reply["error"] = {"code": "capacity", "msg": f"this worker has {self.capacity - len(self.slots)} free slots"}
             return reply
+        opts = header.get("opts") or {}
+        bare = isinstance(opts, dict) and bool(opts.get("bare"))
         created: list[_Slot] = []
         try:
             for slot_id in slot_ids:
                 env = self._make(env_id, **kwargs)
+                if bare:
+                    # The trainer applies gymnasium's wrappers itself (remoterl.init's make):
+                    # host the env without them, so none is applied twice.
+                    env = env.unwrapped
                 created.append(_Slot(slot_id, client, env_id, env))
             reply["env"] = codec.encode(_describe(created[0].env), frame_threshold=1 << 62, name="env")[0]
         except Exception as exc:  # env construction is user code: report, never crash

@@ -1,0 +1,136 @@
+"""gymnasium patches installed by ``remoterl.init()``: ``make`` and ``make_vec`` go remote.
+
+``gymnasium.make(id, ...)`` returns a :class:`~remoterl.RemoteEnv` wrapped exactly as
+gymnasium would wrap a local env: the original ``make`` runs on a copy of the env's
+spec whose entry point creates the remote env, so ``max_episode_steps``,
+``disable_env_checker``, ``order_enforce`` and the spec's additional wrappers apply on
+the trainer side. The worker then hosts the bare env (no wrapper applied twice).
+
+``gymnasium.make_vec(id, num_envs, ...)`` returns a :class:`~remoterl.RemoteEnvVec`
+(one message per worker per step, autoreset on the workers; ``vector_kwargs``'s
+``autoreset_mode`` is honoured). Per-env ``wrappers`` are callables that cannot
+travel: with them, ``make_vec`` builds a ``SyncVectorEnv`` of wrapped ``RemoteEnv``
+proxies instead, which is correct but makes one round trip per env per step.
+
+``make_vec`` calls ``gymnasium.envs.registration.make`` through the module, with an
+``EnvSpec``: both names are patched, and both accept an ``EnvSpec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import gymnasium
+from gymnasium.envs import registration
+from gymnasium.envs.registration import EnvSpec
+
+__all__ = ["is_patched", "patch", "remote_make", "remote_make_vec", "unpatch"]
+
+log = logging.getLogger(__name__)
+
+_originals: dict[str, Any] = {}
+
+
+def is_patched() -> bool:
+    return bool(_originals)
+
+
+def patch() -> None:
+    """Install the patches (idempotent)."""
+    if _originals:
+        return
+    _originals.update(make=registration.make, make_vec=registration.make_vec,
+                      gym_make=gymnasium.make, gym_make_vec=gymnasium.make_vec)
+    gymnasium.make = registration.make = remote_make
+    gymnasium.make_vec = registration.make_vec = remote_make_vec
+
+
+def unpatch() -> None:
+    """Restore gymnasium's own functions (idempotent)."""
+    if not _originals:
+        return
+    registration.make, registration.make_vec = _originals["make"], _originals["make_vec"]
+    gymnasium.make, gymnasium.make_vec = _originals["gym_make"], _originals["gym_make_vec"]
+    _originals.clear()
+
+
+class _RemoteEntryPoint:
+    """An entry point that opens a bare remote env (gymnasium applies the wrappers)."""
+
+    def __init__(self, env_id: str) -> None:
+        self.env_id = env_id
+
+    def __call__(self, **kwargs: Any) -> Any:
+        from remoterl.env import RemoteEnv
+
+        return RemoteEnv(self.env_id, _bare=True, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"remoterl:{self.env_id}"
+
+
+def _find_spec(id: str | EnvSpec) -> EnvSpec | None:
+    if isinstance(id, EnvSpec):
+        return id
+    if not isinstance(id, str):
+        raise gymnasium.error.Error(f"Invalid id type: {type(id)}. Expected `str` or `EnvSpec`")
+    try:
+        return registration._find_spec(id)
+    except gymnasium.error.Error:
+        return None  # maybe registered on the workers only
+
+
+def _make_original() -> Any:
+    return _originals.get("make", registration.make)
+
+
+def remote_make(id: str | EnvSpec, max_episode_steps: int | None = None,
+                disable_env_checker: bool | None = None, **kwargs: Any) -> gymnasium.Env:
+    """``gymnasium.make`` whose env runs on a remote worker (see the module docstring)."""
+    spec = _find_spec(id)
+    if spec is None:
+        # Not registered here: the workers' registration decides everything, wrappers included.
+        from remoterl.env import RemoteEnv
+
+        extra = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+        if disable_env_checker is not None:
+            extra["disable_env_checker"] = disable_env_checker
+        return RemoteEnv(id, **extra, **kwargs)
+    local = dataclasses.replace(spec, entry_point=_RemoteEntryPoint(spec.id), kwargs=dict(spec.kwargs))
+    env = _make_original()(local, max_episode_steps=max_episode_steps,
+                           disable_env_checker=disable_env_checker, **kwargs)
+    # Show the spec as registered (its real entry point), with the kwargs used.
+    env.unwrapped.spec = dataclasses.replace(env.unwrapped.spec, entry_point=spec.entry_point)
+    return env
+
+
+def remote_make_vec(id: str | EnvSpec, num_envs: int = 1, vectorization_mode: Any = None,
+                    vector_kwargs: dict[str, Any] | None = None, wrappers: Any = None,
+                    **kwargs: Any) -> gymnasium.vector.VectorEnv:
+    """``gymnasium.make_vec`` whose envs run on remote workers (see the module docstring)."""
+    from remoterl.env import RemoteEnv
+    from remoterl.vector import RemoteEnvVec
+
+    spec = _find_spec(id)
+    env_id = spec.id if spec is not None else id
+    env_kwargs = {**(spec.kwargs if spec is not None else {}), **kwargs}
+    vector_kwargs = dict(vector_kwargs or {})
+    autoreset_mode = vector_kwargs.pop("autoreset_mode", gymnasium.vector.AutoresetMode.NEXT_STEP)
+    if vectorization_mode is not None:
+        log.debug("make_vec(vectorization_mode=%r): remote envs use remoterl's own vectorization", vectorization_mode)
+    if wrappers:
+        def single() -> gymnasium.Env:
+            env = RemoteEnv(env_id, **env_kwargs)
+            for wrapper in wrappers:
+                env = wrapper(env)
+            return env
+
+        log.info("make_vec(%r, wrappers=...): per-env wrappers run here, so each env steps in its own round trip",
+                 env_id)
+        keep = {k: v for k, v in vector_kwargs.items() if k in ("copy", "observation_mode")}
+        return gymnasium.vector.SyncVectorEnv([single] * num_envs, autoreset_mode=autoreset_mode, **keep)
+    if vector_kwargs:
+        log.debug("make_vec: vector_kwargs %s do not apply to remote envs", sorted(vector_kwargs))
+    return RemoteEnvVec(env_id, num_envs, autoreset_mode=autoreset_mode, **env_kwargs)

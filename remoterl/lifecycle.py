@@ -1,0 +1,180 @@
+"""``remoterl.init()`` and ``remoterl.shutdown()``: settings, patches, embedded default.
+
+Settings come from the arguments, else the environment: ``REMOTERL_BROKER`` (the
+broker's URL) and ``REMOTERL_API_KEY``. With no broker URL anywhere, ``init`` starts
+the embedded default (a private broker and local workers, see ``remoterl.embedded``).
+
+With ``role="trainer"`` (the default) ``init`` patches gymnasium so that ``make`` and
+``make_vec`` return remote proxies; ``shutdown`` restores the originals, closes the
+process's clients and stops the embedded processes. It also runs at interpreter exit.
+Calling ``init`` twice, or ``shutdown`` without ``init``, is harmless.
+
+With ``role="simulator"`` the calling process becomes a worker serving the env ids
+registered in it, until interrupted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from remoterl.errors import BrokerUnavailableError
+
+__all__ = ["Settings", "get_client", "init", "settings", "shutdown"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    """What ``remoterl.init`` configured for this process."""
+
+    role: str
+    broker: str
+    api_key: str | None = None
+    timeout: float = 60.0
+    embedded: Any = None
+    patched: bool = False
+
+
+_settings: Settings | None = None
+_clients: dict[tuple[int, str], Any] = {}
+_lock = threading.RLock()
+_atexit_registered = False
+
+
+def settings() -> Settings | None:
+    """The current settings, or None before ``init``."""
+    return _settings
+
+
+def init(api_key: str | None = None, role: str = "trainer", *, broker: str | None = None,
+         num_workers: int | None = None, slots_per_worker: int = 256, timeout: float = 60.0,
+         heartbeat: float = 1.0, liveness: int = 3, patch: bool = True) -> Settings | None:
+    """Configure remoterl for this process.
+
+    Args:
+        api_key: presented to the broker; default ``$REMOTERL_API_KEY``.
+        role: ``"trainer"`` (patch gymnasium; proxies step remote envs) or
+            ``"simulator"`` (serve the env ids registered here; blocks until interrupted).
+        broker: the broker's URL; default ``$REMOTERL_BROKER``; with neither, an embedded
+            broker and ``num_workers`` local worker processes are started.
+        num_workers: embedded worker processes (default: 1; cheap envs run fastest
+            batched on one worker, slow simulators want more).
+        slots_per_worker: env slots each embedded worker hosts.
+        timeout: default seconds to wait for each remote call.
+        heartbeat, liveness: for the embedded broker (and a simulator's worker).
+        patch: patch ``gymnasium.make`` / ``make_vec`` / ``register`` (trainer role).
+
+    Returns:
+        The settings (trainer role); a simulator returns None when interrupted.
+
+    Raises:
+        ValueError: unknown role, or the simulator role without a broker URL.
+        BrokerUnavailableError: no broker answers at the URL.
+    """
+    global _settings, _atexit_registered
+    if role not in ("trainer", "simulator"):
+        raise ValueError(f"role must be 'trainer' or 'simulator', got {role!r}")
+    api_key = api_key or os.environ.get("REMOTERL_API_KEY") or None
+    url = broker or os.environ.get("REMOTERL_BROKER") or None
+    if role == "simulator":
+        if url is None:
+            raise ValueError("remoterl.init(role='simulator') needs broker=URL (or $REMOTERL_BROKER)")
+        _run_simulator(url, slots_per_worker, heartbeat, liveness)
+        return None
+    with _lock:
+        if _settings is not None:
+            return _settings  # init twice: harmless, the first settings stay
+        embedded = None
+        if url is None:
+            from remoterl.embedded import Embedded
+
+            embedded = Embedded(num_workers or 1, slots_per_worker, heartbeat=heartbeat, liveness=liveness)
+            url = embedded.start()
+        _settings = Settings(role, url, api_key, timeout, embedded)
+        if not _atexit_registered:
+            atexit.register(shutdown)
+            _atexit_registered = True
+        try:
+            get_client()  # fail now, with the URL, if nothing answers
+        except BaseException:
+            shutdown()
+            raise
+        if patch:
+            from remoterl.integrations import gymnasium as gym_patch
+
+            gym_patch.patch()
+            _settings.patched = True
+        return _settings
+
+
+def shutdown() -> None:
+    """Undo ``init``: restore gymnasium, close clients, stop embedded processes. Idempotent."""
+    global _settings
+    with _lock:
+        current, _settings = _settings, None
+        if current is not None and current.patched:
+            from remoterl.integrations import gymnasium as gym_patch
+
+            gym_patch.unpatch()
+        pid = os.getpid()
+        for key in [k for k in _clients if k[0] == pid]:
+            client = _clients.pop(key)
+            try:
+                client.close()
+            except Exception:  # shutting down: keep going
+                log.exception("closing a client failed")
+        _clients.clear()
+        if current is not None and current.embedded is not None:
+            current.embedded.stop()
+
+
+def get_client(broker: str | None = None) -> Any:
+    """This process's connected client for ``broker`` (default: the configured broker).
+
+    One client per process and URL, created on first use (and again in a forked child).
+
+    Raises:
+        BrokerUnavailableError: no broker configured, or none answers.
+    """
+    from remoterl.transport import Client
+
+    url = broker or (_settings.broker if _settings is not None else None) or os.environ.get("REMOTERL_BROKER")
+    if not url:
+        raise BrokerUnavailableError(
+            "no broker configured: call remoterl.init() (it starts an embedded broker when no URL is set), "
+            "pass broker='tcp://HOST:5555', or set REMOTERL_BROKER")
+    key = (os.getpid(), url)
+    with _lock:
+        client = _clients.get(key)
+        if client is None or client._closed:
+            timeout = _settings.timeout if _settings is not None else 60.0
+            api_key = _settings.api_key if _settings is not None else os.environ.get("REMOTERL_API_KEY")
+            client = Client(url, timeout=timeout, api_key=api_key).connect()
+            _clients[key] = client
+        return client
+
+
+def _run_simulator(url: str, slots: int, heartbeat: float, liveness: int) -> None:
+    import signal
+
+    from remoterl.workers.loop import WorkerLoop
+    from remoterl.workers.runtime import SlotHost
+
+    loop = WorkerLoop(url, SlotHost(None, slots), heartbeat=heartbeat, liveness=liveness)
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, lambda *_: loop.stop())
+        try:
+            loop.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    else:
+        loop.run()
