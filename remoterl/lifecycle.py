@@ -96,6 +96,7 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
 
             embedded = Embedded(num_workers or 1, slots_per_worker, heartbeat=heartbeat, liveness=liveness)
             url = embedded.start()
+            url = embedded.local_url or url
         _settings = Settings(role, url, api_key, timeout, embedded)
         if not _atexit_registered:
             atexit.register(shutdown)

@@ -124,25 +124,33 @@ class WorkerLoop:
         sock = self._sock
         assert sock is not None
         host = self.host
-        recv, send = sock.recv_multipart, sock.send_multipart
+        # Block in recv for at most a heartbeat, so stop and reconnect flags are seen.
+        sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.heartbeat * 1000)))
+        recv, more, send = sock.recv, sock.getsockopt, sock.send_multipart
+        RCVMORE = zmq.RCVMORE
+        reconnect = self._reconnect.is_set
         deadline = time.monotonic() + self.heartbeat * self.liveness
-        while not self._stopping and not self._reconnect.is_set():
+        while not self._stopping and not reconnect():
             self._in_poll = True
             try:
-                ready = sock.poll(self.heartbeat * 1000)
-            finally:
-                self._in_poll = False
-            if not ready:
+                frame0 = recv()
+            except zmq.Again:
                 if not self.registered.is_set() and time.monotonic() > deadline:
                     log.warning("worker %s: no answer from broker %s; sending READY again", self.name, self.url)
                     return
                 continue
-            frames = recv(copy=False)
-            frame0 = frames[0].bytes
+            finally:
+                self._in_poll = False
+            # Signature, client id and header as bytes; array frames as zmq.Frame (no copy).
+            frames = [frame0]
+            while more(RCVMORE):
+                frames.append(recv(copy=len(frames) < 3))
             if frame0 == _CALL and len(frames) >= 3:
-                client = frames[1].bytes
+                client = frames[1]
                 header, out = host.call(client, frames[2], frames, 3)
-                send([_REPLY, client, header, *out], copy=False)
+                # Small replies: copy=True is cheaper; big arrays: no copy (the arrays are
+                # fresh per reply, so nothing changes them while zmq sends).
+                send([_REPLY, client, header, *out], copy=not out)
             else:
                 self._control(frame0, frames)
 
@@ -155,12 +163,12 @@ class WorkerLoop:
             return
         try:
             if command == W.OPEN:
-                client = frames[1].bytes
+                client = frames[1]
                 reply = self.host.open(client, p.decode_header(frames[2]))
                 sock.send_multipart([p.worker_frame(W.OPENED), client, p.encode_header(reply)])
             elif command == W.CLOSE:
                 header = p.decode_header(frames[2])
-                self.host.close(frames[1].bytes, header.get("slots") or [])
+                self.host.close(frames[1], header.get("slots") or [])
             elif command == W.WELCOME:
                 self._welcome(frames)
             elif command == W.DISCONNECT:

@@ -1,0 +1,191 @@
+"""``remoterl.env.RemoteEnv`` against a real broker and worker: a ``gymnasium.Env``, exactly.
+
+One broker and one worker (serving CartPole-v1 and Pendulum-v1) serve the whole
+module; every test closes the envs it opens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import gymnasium
+from conftest import Proc, free_url, start_broker, start_worker, status, wait_for
+from gymnasium.utils.env_checker import check_env, data_equivalence
+from gymnasium.wrappers import NormalizeObservation, RecordEpisodeStatistics, TimeLimit
+
+import remoterl
+from remoterl import BrokerUnavailableError, EnvClosedError, InvalidActionError, NoWorkerError, RemoteEnv
+
+SERVED = ["CartPole-v1", "Pendulum-v1"]
+
+
+@pytest.fixture(scope="module")
+def url():
+    started: list[Proc] = []
+
+    def start(args, env=None):
+        proc = Proc(args, env)
+        started.append(proc)
+        return proc
+
+    broker_url = free_url()
+    try:
+        start_broker(start, broker_url)
+        start_worker(start, broker_url, "--env", SERVED[0], "--env", SERVED[1], "-n", "8", "--procs", "1",
+                     expect=1)
+        yield broker_url
+    finally:
+        remoterl.shutdown()  # closes this process's cached client for broker_url
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture
+def make_env(url):
+    """Open RemoteEnvs on the module's broker; all are closed at teardown."""
+    made: list[RemoteEnv] = []
+
+    def make(env_id: str = "CartPole-v1", **kwargs) -> RemoteEnv:
+        env = RemoteEnv(env_id, broker=url, **kwargs)
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.close()
+    wait_for(lambda: status(url)["open_slots"] == 0, what="every slot closed after the test")
+
+
+def assert_same(remote, local, what: str) -> None:
+    assert data_equivalence(remote, local, exact=True), f"{what} differs:\nremote: {remote!r}\nlocal:  {local!r}"
+
+
+def checker_warnings(env) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env, skip_render_check=True)
+    return sorted(str(w.message) for w in caught)
+
+
+def test_passes_gymnasium_env_checker(make_env):
+    # CartPole's infinite Box bounds draw warnings: exactly the ones a local CartPole draws.
+    assert checker_warnings(make_env()) == checker_warnings(gymnasium.make("CartPole-v1").unwrapped)
+
+
+@pytest.mark.parametrize("env_id", SERVED)
+def test_spaces_metadata_and_spec_match_a_local_env(make_env, env_id):
+    remote, local = make_env(env_id), gymnasium.make(env_id)
+    assert remote.observation_space == local.observation_space
+    assert remote.action_space == local.action_space
+    assert remote.metadata == local.metadata
+    assert remote.render_mode == local.render_mode
+    for field in ("id", "entry_point", "reward_threshold", "nondeterministic", "max_episode_steps",
+                  "order_enforce", "disable_env_checker", "kwargs"):
+        assert getattr(remote.spec, field) == getattr(local.spec, field), field
+    assert remote.unwrapped is remote
+
+
+@pytest.mark.parametrize("env_id", SERVED)
+def test_seeded_episodes_equal_a_local_env(make_env, env_id):
+    remote, local = make_env(env_id, max_episode_steps=20), gymnasium.make(env_id, max_episode_steps=20)
+    assert_same(remote.reset(seed=123), local.reset(seed=123), "reset(seed=123)")
+    actions = local.action_space
+    actions.seed(0)
+    ends = 0
+    for step in range(50):
+        action = actions.sample()
+        out = local.step(action)
+        assert_same(remote.step(action), out, f"step {step}")
+        if out[2] or out[3]:
+            ends += 1
+            assert_same(remote.reset(), local.reset(), f"step {step}: reset")
+    assert ends >= 2
+
+
+def test_under_time_limit(make_env):
+    env = TimeLimit(make_env(), max_episode_steps=10)
+    env.reset(seed=0)
+    for step in range(1, 11):
+        _, _, terminated, truncated, _ = env.step(step % 2)  # alternate: the pole stays up
+        assert not terminated
+        assert truncated is (step == 10)
+
+
+def test_under_record_episode_statistics(make_env):
+    env = RecordEpisodeStatistics(make_env())
+    env.reset(seed=0)
+    for length in range(1, 501):
+        _, _, terminated, truncated, info = env.step(0)  # always left: the pole falls soon
+        if terminated or truncated:
+            break
+    assert terminated
+    assert info["episode"]["l"] == length and info["episode"]["r"] == float(length)
+
+
+def test_under_normalize_observation(make_env):
+    env = NormalizeObservation(make_env("Pendulum-v1"))
+    obs, _ = env.reset(seed=0)
+    for _ in range(20):
+        obs, *_ = env.step(env.action_space.sample())
+    assert obs.shape == (3,) and np.all(np.isfinite(obs))
+    assert env.obs_rms.count > 20
+
+
+def test_render_says_frames_do_not_stream(make_env):
+    with pytest.raises(NotImplementedError, match="streaming"):
+        make_env().render()
+
+
+def test_closed_env(make_env, url):
+    env = make_env()
+    env.reset(seed=0)
+    assert status(url)["open_slots"] == 1
+    env.close()
+    wait_for(lambda: status(url)["open_slots"] == 0, what="the slot released")
+    env.close()  # twice: harmless
+    with pytest.raises(EnvClosedError):
+        env.step(0)
+    with pytest.raises(EnvClosedError):
+        env.reset()
+
+
+def worker_calls(url: str) -> dict[str, int]:
+    return {w["id"]: w["calls"] for w in status(url)["workers"]}
+
+
+@pytest.mark.parametrize("env_id, action", [
+    ("CartPole-v1", 2.5),
+    ("CartPole-v1", np.array([0, 1])),
+    ("Pendulum-v1", np.zeros(2, np.float32)),
+    ("Pendulum-v1", 0.5),
+], ids=["discrete-float", "discrete-array", "box-shape", "box-scalar"])
+def test_invalid_action_is_refused_before_sending(make_env, url, env_id, action):
+    env = make_env(env_id)
+    env.reset(seed=0)
+    before = worker_calls(url)
+    with pytest.raises(InvalidActionError):
+        env.step(action)
+    assert worker_calls(url) == before, "nothing may reach the worker"
+    env.step(env.action_space.sample())  # still usable
+
+
+def test_unknown_env_id_says_what_is_served(url):
+    with pytest.raises(NoWorkerError) as info:
+        RemoteEnv("NoSuchEnv-v0", broker=url)
+    message = str(info.value)
+    assert "NoSuchEnv-v0" in message and "remoterl-worker" in message
+    assert all(env_id in message for env_id in SERVED)
+
+
+def test_no_broker_says_the_url_and_how_to_start_one():
+    url = free_url()  # nothing bound there
+    client = remoterl.Client(url, connect_timeout=0.5)
+    with pytest.raises(BrokerUnavailableError) as info:
+        client.connect()
+    assert url in str(info.value) and "remoterl-broker" in str(info.value)
+    assert isinstance(info.value, ConnectionError)
+    with pytest.raises(BrokerUnavailableError):  # a proxy on that client fails the same way, typed
+        RemoteEnv("CartPole-v1", client=client)
