@@ -86,10 +86,11 @@ class RLWorker:
     """A remoterl worker: the env ids it serves and the slots it hosts."""
 
     id: bytes
-    envs: frozenset
+    envs: set
     capacity: int
     last_seen: float
     info: dict = field(default_factory=dict)
+    refused: dict = field(default_factory=dict)  # env id -> why the worker refused its registration
     slots: set = field(default_factory=set)
     clients: collections.Counter = field(default_factory=collections.Counter)
     calls: int = 0
@@ -135,6 +136,19 @@ class PendingOpen:
 
 
 @dataclass(eq=False)
+class PendingRegister:
+    """A REGISTER waiting for the workers' answers."""
+
+    client: bytes
+    client_r: Any
+    env: str
+    waiting: set
+    deadline: float
+    accepted: list = field(default_factory=list)
+    refused: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
 class MdpWorker:
     id: bytes
     service: bytes
@@ -172,6 +186,8 @@ class BrokerCore:
         self.clients: dict[bytes, RLClient] = {}
         self.slots: dict[int, Slot] = {}
         self.pending_opens: dict[int, PendingOpen] = {}
+        self.registrations: dict[str, dict] = {}
+        self.pending_registers: dict[int, PendingRegister] = {}
         self.mdp_workers: dict[bytes, MdpWorker] = {}
         self.mdp_services: dict[bytes, MdpService] = {}
         self.counters: collections.Counter = collections.Counter()
@@ -190,12 +206,14 @@ class BrokerCore:
             C.CLOSE: self._on_close,
             C.HEARTBEAT: self._on_heartbeat,
             C.DISCONNECT: self._on_client_disconnect,
+            C.REGISTER: self._on_register,
         }
         self._dispatch_worker = {
             W.READY: self._on_ready,
             W.OPENED: self._on_opened,
             W.HEARTBEAT: self._on_heartbeat,
             W.DISCONNECT: self._on_worker_disconnect,
+            W.REGISTERED: self._on_registered,
         }
 
     # --- the loop's interface -------------------------------------------------------------
@@ -293,6 +311,9 @@ class BrokerCore:
                     f"workers did not create {pending.env!r} within {self.config.open_timeout:g} s")}
                 pending.waiting.clear()
                 self._finish_open(r, pending)
+        for r, pending_reg in list(self.pending_registers.items()):
+            if now >= pending_reg.deadline:
+                self._finish_register(r, pending_reg)
         ttl = now - self.config.request_ttl
         for service in list(self.mdp_services.values()):
             while service.requests and service.requests[0][4] < ttl:
@@ -440,7 +461,10 @@ class BrokerCore:
     def _no_worker_message(self, env: str) -> str:
         served = sorted(self.env_index)
         listing = ", ".join(served) if served else "nothing (no worker is connected)"
-        return (f"no worker serves env id {env!r}; workers serve: {listing}. "
+        refusals = [f"worker {_name(w.id, w.info)} refused to register it: {w.refused[env]}"
+                    for w in self.workers.values() if env in w.refused]
+        why = (" " + "; ".join(refusals) + ".") if refusals else ""
+        return (f"no worker serves env id {env!r}; workers serve: {listing}.{why} "
                 f"Start one with: remoterl-worker --env {env} --broker URL")
 
     def _on_opened(self, sender: bytes, frames: list, now: float, role: str) -> None:
@@ -530,11 +554,74 @@ class BrokerCore:
         if old is not None:  # RFC 7: a second READY restarts the worker's session
             self._purge_worker(old, "re-registered")
         info = {k: header[k] for k in ("name", "pid", "host") if k in header}
-        worker = self.workers[sender] = RLWorker(sender, frozenset(envs), capacity, now, info)
+        worker = self.workers[sender] = RLWorker(sender, set(envs), capacity, now, info)
         for env in worker.envs:
             self.env_index.setdefault(env, set()).add(sender)
         log.info("worker %s ready: %d slots of %s", _name(sender, info), capacity, ", ".join(sorted(envs)) or "nothing")
         self._out.append([sender, p.worker_frame(W.WELCOME), p.encode_header(self._welcome())])
+        # Registrations made before this worker arrived (r=0: nobody waits for the answer).
+        for spec in self.registrations.values():
+            self._out.append([sender, p.worker_frame(W.REGISTER), p.encode_header({"r": 0, "spec": spec})])
+
+    # --- registration mirroring -------------------------------------------------------------
+
+    def _on_register(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        header = _header(frames, 1)
+        r = header.get("r")
+        spec = header.get("spec")
+        if not isinstance(spec, dict) or not isinstance(spec.get("id"), str) or not spec["id"]:
+            raise _Reply(r, "protocol", "REGISTER needs a spec with an env id")
+        entry = spec.get("entry_point")
+        if not isinstance(entry, str) or ":" not in entry:
+            raise _Reply(r, "protocol", "REGISTER needs an entry point string 'package.module:Attribute' "
+                                        "(callables cannot travel)")
+        env = spec["id"]
+        if env not in self.registrations and len(self.registrations) >= _MAX_REGISTRATIONS:
+            raise _Reply(r, "protocol", f"too many registrations (at most {_MAX_REGISTRATIONS})")
+        self._client(sender, now)
+        self.registrations[env] = spec
+        register_r = self._next_open
+        self._next_open += 1
+        pending = PendingRegister(sender, r, env, set(self.workers), now + self.config.open_timeout)
+        self.pending_registers[register_r] = pending
+        for worker_id in self.workers:
+            self._out.append([worker_id, p.worker_frame(W.REGISTER), p.encode_header({"r": register_r, "spec": spec})])
+        if not pending.waiting:
+            self._finish_register(register_r, pending)
+
+    def _on_registered(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        worker = self.workers.get(sender)
+        if worker is None:
+            self._unknown_worker(sender, "REGISTERED")
+            return
+        worker.last_seen = now
+        header = _header(frames, 1)
+        env, ok, msg, r = header.get("id"), header.get("ok"), header.get("msg"), header.get("r")
+        if not isinstance(env, str) or env not in self.registrations:
+            raise ProtocolError(f"REGISTERED for an env id nobody registered: {env!r}")
+        name = _name(worker.id, worker.info)
+        if ok is True:
+            worker.refused.pop(env, None)
+            if env not in worker.envs:
+                worker.envs.add(env)
+                self.env_index.setdefault(env, set()).add(worker.id)
+        else:
+            worker.refused[env] = str(msg or "refused")
+        pending = self.pending_registers.get(r) if isinstance(r, int) else None
+        if pending is not None and sender in pending.waiting:
+            pending.waiting.discard(sender)
+            if ok is True:
+                pending.accepted.append(name)
+            else:
+                pending.refused[name] = worker.refused[env]
+            if not pending.waiting:
+                self._finish_register(r, pending)
+
+    def _finish_register(self, r: int, pending: PendingRegister) -> None:
+        del self.pending_registers[r]
+        if pending.client in self.clients:
+            self._out.append([pending.client, p.client_frame(C.REGISTERED), p.encode_header({
+                "r": pending.client_r, "id": pending.env, "accepted": pending.accepted, "refused": pending.refused})])
 
     def _on_worker_disconnect(self, sender: bytes, frames: list, now: float, role: str) -> None:
         worker = self.workers.get(sender)
@@ -586,6 +673,11 @@ class BrokerCore:
                     f"worker {_name(worker.id, worker.info)} {reason} while opening {pending.env!r}")}
                 if not pending.waiting:
                     self._finish_open(r, pending)
+        for r, pending_reg in list(self.pending_registers.items()):
+            if worker.id in pending_reg.waiting:
+                pending_reg.waiting.discard(worker.id)
+                if not pending_reg.waiting:
+                    self._finish_register(r, pending_reg)
         del self.workers[worker.id]
         for env in worker.envs:
             ids = self.env_index.get(env)
@@ -729,6 +821,7 @@ class BrokerCore:
         return {
             "workers": len(self.workers), "clients": len(self.clients), "slots": len(self.slots),
             "pending_opens": len(self.pending_opens), "env_index": len(self.env_index),
+            "registrations": len(self.registrations), "pending_registers": len(self.pending_registers),
             "mdp_workers": len(self.mdp_workers), "mdp_services": len(self.mdp_services),
             "mdp_requests": sum(len(s.requests) for s in self.mdp_services.values()),
         }
@@ -744,6 +837,8 @@ class _Reply(ProtocolError):
 
 _C_CALL = p.client_frame(C.CALL)
 _W_REPLY = p.worker_frame(W.REPLY)
+# Registrations are kept for workers that join later; this bounds what clients can store.
+_MAX_REGISTRATIONS = 1000
 
 
 def _header(frames: list, index: int) -> dict:

@@ -37,7 +37,8 @@ def main(argv: list[str]) -> None:
         from remoterl.workers.pool import WorkerSpec, run_worker
 
         url, slots, name, imports = argv[4], int(argv[5]), argv[6], argv[7:]
-        run_worker(WorkerSpec(url, None, slots, imports, heartbeat, liveness, name=name))
+        # A private worker of one trainer: any module the trainer registers may be imported.
+        run_worker(WorkerSpec(url, None, slots, imports, None, heartbeat, liveness, name=name))
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -147,7 +147,7 @@ class ClientCore:
         if command == C.WORKER_LOST:
             self._worker_lost(header)
             return
-        if command in (C.OPENED, C.CLOSED, C.ERROR):
+        if command in (C.OPENED, C.CLOSED, C.ERROR, C.REGISTERED):
             entry = self.pending.pop(_request_id(header), None)
             if entry is None:
                 if command == C.ERROR:

@@ -59,7 +59,10 @@ class Embedded:
     def _child(self, *args: str, **popen: Any) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "remoterl._embedded_child", args[0], str(os.getpid()),
                repr(self.heartbeat), str(self.liveness), *args[1:]]
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, **popen)
+        # The trainer's import path, so the workers import what the trainer can (its own env modules).
+        path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        env = {**os.environ, "PYTHONPATH": path}
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, **popen)
 
     def start(self) -> str:
         """Start the broker and the workers; return the broker's URL."""

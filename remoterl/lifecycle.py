@@ -94,7 +94,8 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
         if url is None:
             from remoterl.embedded import Embedded
 
-            embedded = Embedded(num_workers or 1, slots_per_worker, heartbeat=heartbeat, liveness=liveness)
+            embedded = Embedded(num_workers or 1, slots_per_worker, heartbeat=heartbeat, liveness=liveness,
+                                imports=_registering_modules())
             url = embedded.start()
             url = embedded.local_url or url
         _settings = Settings(role, url, api_key, timeout, embedded)
@@ -159,6 +160,27 @@ def get_client(broker: str | None = None) -> Any:
             client = Client(url, timeout=timeout, api_key=api_key).connect()
             _clients[key] = client
         return client
+
+
+def _registering_modules() -> list[str]:
+    """Modules already imported here that registered env ids (not gymnasium's own).
+
+    The embedded workers import them too, so env ids registered before ``init`` are served.
+    """
+    import sys
+
+    import gymnasium
+
+    modules = []
+    for spec in gymnasium.registry.values():
+        entry = spec.entry_point
+        if not isinstance(entry, str) or ":" not in entry:
+            continue
+        module = entry.partition(":")[0]
+        if module.split(".")[0] in ("gymnasium", "__main__") or module not in sys.modules:
+            continue
+        modules.append(module)
+    return list(dict.fromkeys(modules))
 
 
 def _run_simulator(url: str, slots: int, heartbeat: float, liveness: int) -> None:

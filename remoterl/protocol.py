@@ -118,6 +118,8 @@ class ClientCommand(enum.IntEnum):
     DISCONNECT = 0x08   # c→b {}: the client leaves; its slots are closed
     ERROR = 0x09        # b→c {r?, code, msg}
     WORKER_LOST = 0x0A  # b→c {worker, slots, msg}
+    REGISTER = 0x0B     # c→b {r, spec: {id, entry_point, kwargs, ...}}
+    REGISTERED = 0x0C   # b→c {r, id, accepted: [worker names], refused: {worker name: reason}}
     CALL = 0x10         # c→b frames: worker, header, *payload (header not decoded by broker)
     REPLY = 0x11        # b→c frames: header, *payload
 
@@ -132,6 +134,8 @@ class WorkerCommand(enum.IntEnum):
     CLOSE = 0x05        # b→w frames: client, {slots}; no reply
     HEARTBEAT = 0x07    # w→b {id, stats?}; b→w {broker, known}
     DISCONNECT = 0x08   # both ways: the peer leaves / the broker tells a worker to re-register
+    REGISTER = 0x0B     # b→w {r, spec}: register an env id by its entry-point string
+    REGISTERED = 0x0C   # w→b {r, id, ok, msg}
     CALL = 0x10         # b→w frames: client, header, *payload
     REPLY = 0x11        # w→b frames: client, header, *payload
 

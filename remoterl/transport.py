@@ -209,6 +209,17 @@ class Client:
             except (BrokerUnavailableError, WorkerLostError):
                 pass
 
+    def register(self, spec: dict, timeout: float | None = None) -> dict:
+        """Mirror a gymnasium registration to the workers (entry-point string, kwargs, spec fields).
+
+        Returns:
+            ``{"id", "accepted": [worker names], "refused": {worker name: reason}}``.
+        """
+        with self._lock:
+            entry = self.core.new_request()
+            self._send([p.client_frame(C.REGISTER), p.encode_header({"r": entry.r, "spec": spec})])
+            return self._wait_one(entry, timeout if timeout is not None else self.timeout)
+
     # --- calls ----------------------------------------------------------------------------------------
 
     def send_call(self, worker: bytes, slots: list[int], request: dict, name: str = "call") -> Pending:

@@ -363,10 +363,6 @@ def test_ctrl_c_in_the_trainer_stops_the_embedded_processes():
         kill_leftovers(pids)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "embedded workers only know gymnasium's built-in env ids: an id the trainer registered "
-    "(here by importing remoterl_test_envs) gives NoWorkerError; init() neither passes the "
-    "trainer's registering modules to Embedded(imports=...) nor patches register()"))
 def test_embedded_default_serves_env_ids_the_trainer_registered():
     script = textwrap.dedent("""
         import remoterl_test_envs, remoterl, gymnasium

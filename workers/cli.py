@@ -24,6 +24,9 @@ __all__ = ["main"]
               help="Worker processes sharing the slots. [default: min(slots, CPU count)]")
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Import this module first so the env ids it registers are served (repeatable).")
+@click.option("--allow-import", "allow_import", multiple=True, metavar="MODULE",
+              help="Let trainers' gymnasium.register() name entry points in this module or package "
+                   "(repeatable). Modules given to --import are allowed too; nothing else is.")
 @click.option("--heartbeat", type=click.FloatRange(min=0.01), default=1.0,
               help="Seconds between heartbeats (the broker's setting wins once connected).")
 @click.option("--liveness", type=click.IntRange(min=1), default=3,
@@ -31,7 +34,7 @@ __all__ = ["main"]
 @click.option("--name", default=None, help="A name shown by `remoterl status`. [default: HOST:PID]")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
 def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, imports: tuple[str, ...],
-         heartbeat: float, liveness: int, name: str | None, verbose: int) -> None:
+         allow_import: tuple[str, ...], heartbeat: float, liveness: int, name: str | None, verbose: int) -> None:
     """Host environment slots for trainers, through a broker.
 
     \b
@@ -66,7 +69,7 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     procs = procs or min(n, os.cpu_count() or 1)
     procs = min(procs, n)
     capacities = split_capacity(n, procs)
-    specs = [WorkerSpec(broker, served, cap, list(imports), heartbeat, liveness,
+    specs = [WorkerSpec(broker, served, cap, list(imports), list(allow_import), heartbeat, liveness,
                         f"{name}-{i}" if name and procs > 1 else name, level)
              for i, cap in enumerate(capacities)]
     what = ", ".join(env_ids) if env_ids else "every registered env id"

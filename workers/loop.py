@@ -169,6 +169,14 @@ class WorkerLoop:
             elif command == W.CLOSE:
                 header = p.decode_header(frames[2])
                 self.host.close(frames[1], header.get("slots") or [])
+            elif command == W.REGISTER:
+                header = p.decode_header(frames[1])
+                spec = header.get("spec") if isinstance(header.get("spec"), dict) else {}
+                ok, msg = self.host.register(spec)
+                if not ok:
+                    log.warning("worker %s: refused to register %r: %s", self.name, spec.get("id"), msg)
+                sock.send_multipart([p.worker_frame(W.REGISTERED), p.encode_header(
+                    {"r": header.get("r"), "id": spec.get("id"), "ok": ok, "msg": msg})])
             elif command == W.WELCOME:
                 self._welcome(frames)
             elif command == W.DISCONNECT:

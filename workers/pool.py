@@ -32,6 +32,7 @@ class WorkerSpec:
     env_ids: list[str] | None
     capacity: int
     imports: list[str] = field(default_factory=list)
+    allow_import: list[str] | None = field(default_factory=list)
     heartbeat: float = 1.0
     liveness: int = 3
     name: str | None = None
@@ -54,7 +55,8 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
         die_with_parent(parent_pid)
         logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import_modules(spec.imports)
-    loop = WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity),
+    allow = None if spec.allow_import is None else [*spec.imports, *spec.allow_import]
+    loop = WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity, allow_import=allow),
                       heartbeat=spec.heartbeat, liveness=spec.liveness, name=spec.name)
 
     def _stop(signum: int, _frame: object) -> None:

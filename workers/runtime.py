@@ -80,9 +80,12 @@ class SlotHost:
         make: the env factory, ``gymnasium.make`` by default.
     """
 
-    def __init__(self, env_ids: list[str] | None, capacity: int, make: Callable[..., Any] | None = None) -> None:
+    def __init__(self, env_ids: list[str] | None, capacity: int, make: Callable[..., Any] | None = None,
+                 allow_import: list[str] | None = ()) -> None:
         self.env_ids = None if env_ids is None else list(dict.fromkeys(env_ids))
         self.capacity = capacity
+        # Modules a trainer's registration may name (prefix match); None: any importable module.
+        self.allow_import = None if allow_import is None else list(allow_import)
         self._make = make or gymnasium.make
         self.slots: dict[int, _Slot] = {}
         self.stats = {"steps": 0, "resets": 0, "calls": 0, "errors": 0}
@@ -94,6 +97,44 @@ class SlotHost:
     def served(self) -> list[str]:
         """Env ids for READY; ``["*"]`` means any id gymnasium can make here."""
         return ["*"] if self.env_ids is None else list(self.env_ids)
+
+    # --- registration mirroring -----------------------------------------------------------------
+
+    def register(self, spec: dict) -> tuple[bool, str]:
+        """Register an env id a trainer registered, by its entry-point string.
+
+        Only the module named by the entry point is imported, and only if the allow-list
+        permits it (``--allow-import``, plus the modules given to ``--import``). Nothing
+        executable crosses the wire: just the string, kwargs and spec fields.
+
+        Returns:
+            ``(True, "")`` when the id is now served here, else ``(False, reason)``.
+        """
+        env_id, entry = spec.get("id"), spec.get("entry_point")
+        if not isinstance(env_id, str) or not isinstance(entry, str) or ":" not in entry:
+            return False, "a registration needs an env id and an entry point 'module:Attribute'"
+        module = entry.partition(":")[0]
+        allowed = self.allow_import is None or any(
+            module == prefix or module.startswith(prefix + ".") for prefix in self.allow_import)
+        if not allowed:
+            listing = ", ".join(self.allow_import or []) or "nothing"
+            return False, (f"module {module!r} is not allowed here (--allow-import allows: {listing}); "
+                           f"start the worker with --import {module} or --allow-import {module}")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # an import runs user code: report, never crash
+            return False, f"module {module!r} cannot be imported on this worker: {type(exc).__name__}: {exc}"
+        fields = {k: spec[k] for k in ("reward_threshold", "nondeterministic", "max_episode_steps",
+                                       "order_enforce", "disable_env_checker") if spec.get(k) is not None}
+        kwargs = spec.get("kwargs") or {}
+        try:
+            if env_id not in gymnasium.registry or gymnasium.registry[env_id].entry_point != entry:
+                gymnasium.register(id=env_id, entry_point=entry, kwargs=dict(kwargs), **fields)
+        except Exception as exc:
+            return False, f"gymnasium.register failed: {type(exc).__name__}: {exc}"
+        if self.env_ids is not None and env_id not in self.env_ids:
+            self.env_ids.append(env_id)
+        return True, ""
 
     # --- open / close ----------------------------------------------------------------------
 

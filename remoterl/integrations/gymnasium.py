@@ -14,6 +14,11 @@ proxies instead, which is correct but makes one round trip per env per step.
 
 ``make_vec`` calls ``gymnasium.envs.registration.make`` through the module, with an
 ``EnvSpec``: both names are patched, and both accept an ``EnvSpec``.
+
+``gymnasium.register(id=..., entry_point="pkg.mod:Cls", ...)`` registers locally as
+usual and, for entry-point strings, mirrors the registration to the workers: only the
+string, kwargs and spec fields travel; each worker imports the module only if its
+``--allow-import`` list permits (callables cannot travel and stay local).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import gymnasium
 from gymnasium.envs import registration
 from gymnasium.envs.registration import EnvSpec
 
-__all__ = ["is_patched", "patch", "remote_make", "remote_make_vec", "unpatch"]
+__all__ = ["is_patched", "mirror_registration", "patch", "remote_make", "remote_make_vec", "remote_register",
+           "unpatch"]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +47,11 @@ def patch() -> None:
     """Install the patches (idempotent)."""
     if _originals:
         return
-    _originals.update(make=registration.make, make_vec=registration.make_vec,
-                      gym_make=gymnasium.make, gym_make_vec=gymnasium.make_vec)
+    _originals.update(make=registration.make, make_vec=registration.make_vec, register=registration.register,
+                      gym_make=gymnasium.make, gym_make_vec=gymnasium.make_vec, gym_register=gymnasium.register)
     gymnasium.make = registration.make = remote_make
     gymnasium.make_vec = registration.make_vec = remote_make_vec
+    gymnasium.register = registration.register = remote_register
 
 
 def unpatch() -> None:
@@ -53,6 +60,7 @@ def unpatch() -> None:
         return
     registration.make, registration.make_vec = _originals["make"], _originals["make_vec"]
     gymnasium.make, gymnasium.make_vec = _originals["gym_make"], _originals["gym_make_vec"]
+    registration.register, gymnasium.register = _originals["register"], _originals["gym_register"]
     _originals.clear()
 
 
@@ -134,3 +142,31 @@ def remote_make_vec(id: str | EnvSpec, num_envs: int = 1, vectorization_mode: An
     if vector_kwargs:
         log.debug("make_vec: vector_kwargs %s do not apply to remote envs", sorted(vector_kwargs))
     return RemoteEnvVec(env_id, num_envs, autoreset_mode=autoreset_mode, **env_kwargs)
+
+
+def remote_register(id: str, entry_point: Any = None, **kwargs: Any) -> None:
+    """``gymnasium.register`` that also registers entry-point strings on the workers."""
+    _originals.get("register", registration.register)(id, entry_point, **kwargs)
+    if isinstance(entry_point, str):
+        mirror_registration(id)
+
+
+def mirror_registration(env_id: str) -> dict:
+    """Send the local registration of ``env_id`` to the workers; log the ones that refuse.
+
+    Returns:
+        The broker's answer: ``{"id", "accepted": [...], "refused": {worker: reason}}``.
+    """
+    from remoterl.lifecycle import get_client
+
+    spec = registration.registry[env_id]
+    wire = {
+        "id": spec.id, "entry_point": spec.entry_point, "kwargs": dict(spec.kwargs or {}),
+        "reward_threshold": spec.reward_threshold, "nondeterministic": spec.nondeterministic,
+        "max_episode_steps": spec.max_episode_steps, "order_enforce": spec.order_enforce,
+        "disable_env_checker": spec.disable_env_checker,
+    }
+    answer = get_client().register(wire)
+    for worker, reason in (answer.get("refused") or {}).items():
+        log.warning("worker %s refused to register %r: %s", worker, env_id, reason)
+    return answer
