@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 import gymnasium
-from conftest import Proc, T, free_url, start_broker, start_worker, wait_for
+from conftest import TEST_ENV, Proc, T, free_url, start_broker, start_worker, status, wait_for
 from gymnasium.envs import registration
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import RecordEpisodeStatistics
@@ -34,12 +34,14 @@ from remoterl import RemoteEnv, RemoteEnvVec
 from remoterl.lifecycle import settings
 
 ORIGINALS = {"gymnasium.make": gymnasium.make, "gymnasium.make_vec": gymnasium.make_vec,
-             "registration.make": registration.make, "registration.make_vec": registration.make_vec}
+             "registration.make": registration.make, "registration.make_vec": registration.make_vec,
+             "gymnasium.register": gymnasium.register, "registration.register": registration.register}
 
 
 def current_functions() -> dict:
     return {"gymnasium.make": gymnasium.make, "gymnasium.make_vec": gymnasium.make_vec,
-            "registration.make": registration.make, "registration.make_vec": registration.make_vec}
+            "registration.make": registration.make, "registration.make_vec": registration.make_vec,
+            "gymnasium.register": gymnasium.register, "registration.register": registration.register}
 
 
 @pytest.fixture(autouse=True)
@@ -394,3 +396,25 @@ def test_script_without_main_guard(tmp_path):
     finally:
         trainer.kill()
         kill_leftovers(pids)
+
+
+SIMULATOR = """
+import sys, gymnasium, remoterl
+gymnasium.register(id="Counting-v9", entry_point="remoterl_custom_env:CountingEnv", kwargs={"limit": 2})
+remoterl.init(role="simulator", broker=sys.argv[1])   # blocks until SIGINT/SIGTERM
+print("stopped", flush=True)
+"""
+
+
+def test_simulator_role_serves_its_registered_env_ids(procs, broker_url):
+    start_broker(procs, broker_url)
+    sim = procs([sys.executable, "-c", SIMULATOR, broker_url], TEST_ENV)
+    wait_for(lambda: len(status(broker_url)["workers"]) == 1, what="simulator registered")
+    env = remoterl.RemoteEnv("Counting-v9", broker=broker_url)
+    env.reset(seed=0)
+    assert env.step(1)[1:3] == (1.0, False)
+    assert env.step(1)[2] is True
+    env.close()
+    sim.signal(signal.SIGTERM)
+    assert sim.wait() == 0
+    assert "stopped" in sim.output()

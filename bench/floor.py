@@ -1,0 +1,137 @@
+"""The raw pyzmq floor: DEALER client → pure-Python ROUTER forwarder → DEALER echo worker.
+
+This is the least a Python broker hop can cost on this machine: the forwarder and the
+echo worker are each their own process, do nothing but ``recv_multipart`` /
+``send_multipart`` and swap routing frames, like a Majordomo broker with no state.
+``bench/run.py`` compares ``RemoteEnv.step`` with a round trip through it carrying a
+payload of the same size.
+
+    python bench/floor.py forwarder PARENT_PID       # prints its tcp:// URL on stdout
+    python bench/floor.py echo PARENT_PID URL
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import zmq
+
+__all__ = ["Floor"]
+
+_READY = b"READY"
+
+
+class Floor:
+    """The forwarder and echo processes, and a client socket to time round trips with."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen] = []
+        self.url: str | None = None
+        self._sock: zmq.Socket | None = None
+
+    def start(self, timeout: float = 30.0) -> Floor:
+        import os
+
+        fwd = self._spawn("forwarder", str(os.getpid()), stdout=subprocess.PIPE)
+        assert fwd.stdout is not None
+        self.url = fwd.stdout.readline().strip()  # bounded: the child exits on error
+        fwd.stdout.close()
+        if not self.url.startswith("tcp://"):
+            self.stop()
+            raise RuntimeError(f"the floor forwarder did not start (exit code {fwd.poll()})")
+        self._spawn("echo", str(os.getpid()), self.url)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.url)
+        self._sock = sock
+        # The echo worker may not have said READY yet: the forwarder drops what it cannot
+        # route, so ping until an answer comes back (bounded).
+        deadline = time.monotonic() + timeout
+        while True:
+            sock.send(b"ping")
+            if sock.poll(100):
+                sock.recv()
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the floor echo worker did not answer")
+        while sock.poll(50):  # drain late echoes of the extra pings
+            sock.recv()
+        return self
+
+    def _spawn(self, *args: str, **popen) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.DEVNULL, text=True, **popen)
+        self._procs.append(proc)
+        return proc
+
+    def round_trip(self, payload: bytes) -> None:
+        """Send ``payload`` through the forwarder and back (one message each way)."""
+        sock = self._sock
+        assert sock is not None
+        sock.send(payload)
+        sock.recv()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs.clear()
+
+
+def _forwarder() -> None:
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:*")
+    print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+    sys.stdout.close()
+    recv, send = sock.recv_multipart, sock.send_multipart
+    worker = None
+    while True:
+        frames = recv()
+        sender = frames[0]
+        if sender == worker:
+            send(frames[1:])  # [client, payload...] → the client
+        elif len(frames) == 2 and frames[1] == _READY:
+            worker = sender
+        elif worker is not None:
+            send([worker, *frames])  # [worker, client, payload...]
+
+
+def _echo(url: str) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    sock.send(_READY)
+    recv, send = sock.recv_multipart, sock.send_multipart
+    while True:
+        send(recv())  # [client, payload...] back as it came
+
+
+def main(argv: list[str]) -> None:
+    from remoterl._process import die_with_parent
+
+    die_with_parent(int(argv[1]))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if argv[0] == "forwarder":
+        _forwarder()
+    elif argv[0] == "echo":
+        _echo(argv[2])
+    else:
+        raise SystemExit(f"unknown role {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
