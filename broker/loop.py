@@ -14,6 +14,7 @@ import time
 
 import zmq
 
+from remoterl._zmqio import send_frames
 from remoterl.broker.core import BrokerConfig, BrokerCore
 
 __all__ = ["Broker"]
@@ -85,9 +86,9 @@ class Broker:
         poll = zmq.Poller()
         poll.register(sock, zmq.POLLIN)
         poll = poll.poll  # a reused Poller: about half the cost of Socket.poll per call
-        recv, more, send = sock.recv, sock.getsockopt, sock.send_multipart
+        recv, more, send = sock.recv, sock.getsockopt, sock.send
         receive, outbox, tick = core.receive, core.messages_to_send, core.tick
-        RCVMORE = zmq.RCVMORE
+        RCVMORE = int(zmq.RCVMORE)
         monotonic = time.monotonic
         try:
             while not self._stopping:
@@ -105,13 +106,13 @@ class Broker:
                     # copy=True sends bytes by copying (fast for small frames) and zmq.Frame
                     # objects without a copy, so payload frames pass through untouched.
                     for msg in outbox():
-                        send(msg)
+                        send_frames(send, msg)
                 tick(monotonic())
                 for msg in outbox():
-                    send(msg)
+                    send_frames(send, msg)
             core.shutdown()
             for msg in outbox():
-                send(msg)
+                send_frames(send, msg)
         finally:
             self._close()
 

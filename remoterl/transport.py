@@ -27,6 +27,7 @@ from typing import Any
 import zmq
 
 from remoterl import codec
+from remoterl._zmqio import recv_frames, send_frames
 from remoterl import protocol as p
 from remoterl.client import ClientCore, Pending
 from remoterl.errors import (
@@ -280,7 +281,7 @@ class Client:
                 f"message of {size} bytes exceeds the broker's limit of {self.max_message_size} bytes "
                 f"(remoterl-broker --max-message-size)")
         # copy=True is cheaper for small frames; arrays (only present when big) go without a copy.
-        self._sock.send_multipart(frames, copy=len(frames) <= 3)
+        send_frames(self._sock.send, frames, copy=len(frames) <= 3)
 
     def _wait_one(self, entry: Pending, timeout: float) -> Any:
         self._wait_until([entry], time.monotonic() + timeout)
@@ -292,8 +293,7 @@ class Client:
         sock = self._sock
         if sock is None:
             raise BrokerUnavailableError("this client is closed")
-        core, poll, recv, more = self.core, self._poll, sock.recv, sock.getsockopt
-        RCVMORE = zmq.RCVMORE
+        core, poll = self.core, self._poll
         for entry in entries:
             while not entry.done:
                 if self._lost is not None:
@@ -311,9 +311,7 @@ class Client:
                 if not poll(min(remaining, self.heartbeat) * 1000):
                     continue
                 # Signature and header as bytes; array frames as zmq.Frame (no copy).
-                frames = [recv()]
-                while more(RCVMORE):
-                    frames.append(recv(copy=len(frames) < 2))
+                frames = recv_frames(sock, 2)
                 try:
                     core.receive(frames)
                 except ProtocolError as exc:

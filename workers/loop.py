@@ -22,6 +22,7 @@ import time
 import zmq
 
 from remoterl import protocol as p
+from remoterl._zmqio import recv_frames, send_frames
 from remoterl.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
 
@@ -126,8 +127,7 @@ class WorkerLoop:
         host = self.host
         # Block in recv for at most a heartbeat, so stop and reconnect flags are seen.
         sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.heartbeat * 1000)))
-        recv, more, send = sock.recv, sock.getsockopt, sock.send_multipart
-        RCVMORE = zmq.RCVMORE
+        recv, send = sock.recv, sock.send
         reconnect = self._reconnect.is_set
         deadline = time.monotonic() + self.heartbeat * self.liveness
         while not self._stopping and not reconnect():
@@ -142,15 +142,13 @@ class WorkerLoop:
             finally:
                 self._in_poll = False
             # Signature, client id and header as bytes; array frames as zmq.Frame (no copy).
-            frames = [frame0]
-            while more(RCVMORE):
-                frames.append(recv(copy=len(frames) < 3))
+            frames = recv_frames(sock, 3, frame0)
             if frame0 == _CALL and len(frames) >= 3:
                 client = frames[1]
                 header, out = host.call(client, frames[2], frames, 3)
                 # Small replies: copy=True is cheaper; big arrays: no copy (the arrays are
                 # fresh per reply, so nothing changes them while zmq sends).
-                send([_REPLY, client, header, *out], copy=not out)
+                send_frames(send, [_REPLY, client, header, *out], copy=not out)
             else:
                 self._control(frame0, frames)
 
