@@ -123,8 +123,7 @@ def main(argv: list[str]) -> None:
     from remoterl._process import die_with_parent
 
     die_with_parent(int(argv[1]))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent; SIGTERM kills at once
     if argv[0] == "forwarder":
         _forwarder()
     elif argv[0] == "echo":

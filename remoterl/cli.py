@@ -78,5 +78,29 @@ def status(broker: str, as_json: bool, timeout: float) -> None:
     click.echo(_table(srows, ["SERVICE", "KIND", "WORKERS", "FREE SLOTS / QUEUED"]) if srows else "no services")
 
 
+@main.command()
+@click.option("--broker", default=lambda: os.environ.get("REMOTERL_BROKER"),
+              show_default="$REMOTERL_BROKER, else an embedded broker",
+              help="A broker with workers attached; without it an embedded broker and local workers start.")
+@click.option("--env", "env_id", default="CartPole-v1", show_default=True, help="Env id to train on.")
+@click.option("--timesteps", type=click.IntRange(min=1), default=60_000, show_default=True,
+              help="PPO training steps (60k solve CartPole-v1).")
+@click.option("--n-envs", type=click.IntRange(min=1), default=8, show_default=True, help="Remote envs.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Local worker processes of the embedded broker.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo(broker: str | None, env_id: str, timesteps: int, n_envs: int, workers: int, seed: int) -> None:
+    """Train Stable-Baselines3 PPO on remote envs, evaluate it, and show where the steps ran."""
+    from remoterl.demo import run_demo
+
+    try:
+        report = run_demo(broker=broker, env_id=env_id, timesteps=timesteps, n_envs=n_envs, seed=seed,
+                          num_workers=workers, echo=click.echo)
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if env_id == "CartPole-v1" and report["mean_reward"] < 195:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -16,8 +16,11 @@ registered in it, until interrupted.
 from __future__ import annotations
 
 import atexit
+import importlib.abc
+import importlib.util
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +42,12 @@ class Settings:
     timeout: float = 60.0
     embedded: Any = None
     patched: bool = False
+    # How other processes (SubprocVecEnv children, Ray actors) reach the broker: the
+    # embedded broker's tcp address where this process itself uses inproc.
+    children_broker: str = ""
+
+    def __post_init__(self) -> None:
+        self.children_broker = self.children_broker or self.broker
 
 
 _settings: Settings | None = None
@@ -91,14 +100,15 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
         if _settings is not None:
             return _settings  # init twice: harmless, the first settings stay
         embedded = None
+        children_url = url
         if url is None:
             from remoterl.embedded import Embedded
 
             embedded = Embedded(num_workers or 1, slots_per_worker, heartbeat=heartbeat, liveness=liveness,
                                 imports=_registering_modules())
-            url = embedded.start()
-            url = embedded.local_url or url
-        _settings = Settings(role, url, api_key, timeout, embedded)
+            children_url = embedded.start()
+            url = embedded.local_url or children_url
+        _settings = Settings(role, url, api_key, timeout, embedded, children_broker=children_url or "")
         if not _atexit_registered:
             atexit.register(shutdown)
             _atexit_registered = True
@@ -111,6 +121,7 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
             from remoterl.integrations import gymnasium as gym_patch
 
             gym_patch.patch()
+            _patch_sb3_when_imported()
             _settings.patched = True
         return _settings
 
@@ -124,6 +135,7 @@ def shutdown() -> None:
             from remoterl.integrations import gymnasium as gym_patch
 
             gym_patch.unpatch()
+            _unpatch_sb3()
         pid = os.getpid()
         for key in [k for k in _clients if k[0] == pid]:
             client = _clients.pop(key)
@@ -162,13 +174,70 @@ def get_client(broker: str | None = None) -> Any:
         return client
 
 
+class _SB3Hook(importlib.abc.MetaPathFinder):
+    """Patches Stable-Baselines3 right after ``stable_baselines3.common.env_util`` loads,
+    so ``import remoterl`` and ``init()`` never import SB3 (and torch) themselves."""
+
+    _target = "stable_baselines3.common.env_util"
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != self._target:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None:
+                loader_exec = spec.loader.exec_module
+
+                def exec_module(module: Any) -> None:
+                    loader_exec(module)
+                    _remove_sb3_hook()
+                    if _settings is not None and _settings.patched:
+                        from remoterl.integrations import sb3
+
+                        sb3.patch()
+
+                spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+                return spec
+        return None
+
+
+_sb3_hook: _SB3Hook | None = None
+
+
+def _patch_sb3_when_imported() -> None:
+    global _sb3_hook
+    if _SB3Hook._target in sys.modules:
+        from remoterl.integrations import sb3
+
+        sb3.patch()
+    elif _sb3_hook is None and importlib.util.find_spec("stable_baselines3") is not None:
+        _sb3_hook = _SB3Hook()
+        sys.meta_path.insert(0, _sb3_hook)
+
+
+def _remove_sb3_hook() -> None:
+    global _sb3_hook
+    if _sb3_hook is not None:
+        try:
+            sys.meta_path.remove(_sb3_hook)
+        except ValueError:
+            pass
+        _sb3_hook = None
+
+
+def _unpatch_sb3() -> None:
+    _remove_sb3_hook()
+    if "remoterl.integrations.sb3" in sys.modules:
+        sys.modules["remoterl.integrations.sb3"].unpatch()
+
+
 def _registering_modules() -> list[str]:
     """Modules already imported here that registered env ids (not gymnasium's own).
 
     The embedded workers import them too, so env ids registered before ``init`` are served.
     """
-    import sys
-
     import gymnasium
 
     modules = []

@@ -114,6 +114,20 @@ class RemoteEnvVec(VectorEnv):
             mask = _check_reset_mask(options.pop("reset_mask"), self.num_envs)
             if self._observations is None:
                 raise ValueError("reset_mask needs a full reset first")
+        obs, env_infos = self.reset_envs(seeds, options, mask)
+        infos: dict[str, Any] = {}
+        for i, info in env_infos:
+            infos = self._add_info(infos, info, i)
+        return obs, infos
+
+    def reset_envs(self, seeds: list, options: dict | None = None,
+                   mask: np.ndarray | None = None) -> tuple[Any, list[tuple[int, dict]]]:
+        """Reset the envs in ``mask`` (all by default): one message per worker.
+
+        Returns:
+            The batched observations (unmasked envs keep their last ones) and
+            ``[(env index, reset info), ...]`` for the envs reset, in index order.
+        """
         pending, picked = [], []
         for worker, slots, start, stop in self._groups:
             idx = [i for i in range(start, stop) if mask is None or mask[i]]
@@ -123,7 +137,6 @@ class RemoteEnvVec(VectorEnv):
                 "op": "reset", "seeds": [seeds[i] for i in idx], "options": options}))
             picked.append(idx)
         replies = self._client.wait(pending, self._timeout)
-        infos: dict[str, Any] = {}
         if mask is None:
             obs = _concat(self.single_observation_space, [r["obs"] for r in replies])
         else:
@@ -131,11 +144,8 @@ class RemoteEnvVec(VectorEnv):
             obs = copy.deepcopy(self._observations)
             for idx, reply in zip(picked, replies):
                 obs = _scatter(self.single_observation_space, obs, idx, reply["obs"])
-        for idx, reply in zip(picked, replies):
-            for i, info in zip(idx, reply["infos"]):
-                infos = self._add_info(infos, info, i)
         self._observations = obs
-        return obs, infos
+        return obs, [(i, info) for idx, reply in zip(picked, replies) for i, info in zip(idx, reply["infos"])]
 
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step every env with its action: one message per worker, autoreset on the workers."""
@@ -167,6 +177,23 @@ class RemoteEnvVec(VectorEnv):
             RemoteTimeoutError: the workers did not answer within ``timeout`` (a TimeoutError).
             RemoteEnvError / WorkerLostError: an env raised / a worker died.
         """
+        obs, rewards, terminated, truncated, env_infos, finals = self.wait_envs(timeout)
+        infos: dict[str, Any] = {}
+        add_info = self._add_info
+        for i, info in enumerate(env_infos):
+            final = finals.get(i) if finals else None
+            if final is not None:
+                infos = add_info(infos, {"final_obs": final[0], "final_info": final[1]}, i)
+            if info:
+                infos = add_info(infos, info, i)
+        return obs, rewards, terminated, truncated, infos
+
+    def wait_envs(self, timeout: float | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, list, dict]:
+        """Collect a step per env: obs, rewards, terminated, truncated, the info of each env,
+        and ``{env index: (final obs, final info)}`` for envs reset in the same step (SAME_STEP).
+
+        The per-env form behind :meth:`step_wait` (gymnasium) and SB3's ``RemoteVecEnv``.
+        """
         if self._state is not AsyncState.WAITING_STEP:
             raise NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`.",
                                    AsyncState.WAITING_STEP.value)
@@ -176,23 +203,19 @@ class RemoteEnvVec(VectorEnv):
         if len(replies) == 1:
             reply = replies[0]
             obs, rewards, terminated, truncated = reply["obs"], reply["rew"], reply["term"], reply["trunc"]
+            env_infos = reply["infos"]
         else:
             obs = _concat(self.single_observation_space, [r["obs"] for r in replies])
             rewards = np.concatenate([r["rew"] for r in replies])
             terminated = np.concatenate([r["term"] for r in replies])
             truncated = np.concatenate([r["trunc"] for r in replies])
-        infos: dict[str, Any] = {}
-        add_info = self._add_info
+            env_infos = [info for r in replies for info in r["infos"]]
+        finals: dict[int, tuple] = {}
         for (_, _, start, _), reply in zip(self._groups, replies):
-            final = {j: (f_obs, f_info) for j, f_obs, f_info in reply.get("final", ())}
-            for j, info in enumerate(reply["infos"]):
-                if j in final:
-                    f_obs, f_info = final[j]
-                    infos = add_info(infos, {"final_obs": f_obs, "final_info": f_info}, start + j)
-                if info:
-                    infos = add_info(infos, info, start + j)
+            for j, f_obs, f_info in reply.get("final", ()):
+                finals[start + j] = (f_obs, f_info)
         self._observations = obs
-        return obs, rewards, terminated, truncated, infos
+        return obs, rewards, terminated, truncated, env_infos, finals
 
     def render(self) -> Any:
         raise NotImplementedError("RemoteEnvVec.render(): frame streaming from remote workers is not available yet")

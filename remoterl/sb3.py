@@ -1,0 +1,9 @@
+"""``remoterl.sb3``: Stable-Baselines3 support (imports SB3 and torch; install ``remoterl[sb3]``).
+
+``RemoteVecEnv`` is an SB3 ``VecEnv`` of remote slots stepped with one message per
+worker; ``RemoteEnvFn`` a picklable env function for ``SubprocVecEnv``/``DummyVecEnv``.
+"""
+
+from remoterl.integrations.sb3 import RemoteEnvFn, RemoteVecEnv, remote_make_vec_env
+
+__all__ = ["RemoteEnvFn", "RemoteVecEnv", "remote_make_vec_env"]
