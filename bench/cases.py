@@ -25,12 +25,12 @@ from typing import Any, Callable, Iterator
 import gymnasium
 import numpy as np
 
-import remoterl_bench_envs as bench_envs
-
 __all__ = ["CASES", "Figure", "Options", "Session", "run_case"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENVS_MODULE = "remoterl_bench_envs"
+ENVS_MODULE = "remoterl_bench_envs"  # registers the bench env ids; workers import it too
+SLOW_ID = "RemoteRLBench/Slow-v0"
+IMAGE_ID = "RemoteRLBench/Image-v0"
 
 # Case names, in the order they run.
 CASES = ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale", "embedded")
@@ -219,6 +219,8 @@ class Session:
 
 def run_case(name: str, session: Session, note: Callable[[str], None] = lambda _: None) -> Iterator[Figure]:
     """Run one case; yield its figures as they are measured. ``note`` hears what runs now."""
+    import remoterl_bench_envs  # noqa: F401  (registers SLOW_ID and IMAGE_ID here as well)
+
     yield from _CASES[name](session, note)
 
 
@@ -334,7 +336,7 @@ def case_slow(session: Session, note: Callable[[str], None]) -> Iterator[Figure]
     n, delay = 8, 0.001
     ideal = n / delay
     note("AsyncVectorEnv(8) of SlowEnv")
-    envs = local_vector("async", bench_envs.SLOW_ID, n, delay=delay)
+    envs = local_vector("async", SLOW_ID, n, delay=delay)
     try:
         local_async = vector_rate(envs, opts.duration, opts.warmup)
     finally:
@@ -342,7 +344,7 @@ def case_slow(session: Session, note: Callable[[str], None]) -> Iterator[Figure]
     note("RemoteEnvVec(8) of SlowEnv on 8 workers")
     url = session.broker(n, 1)
     try:
-        envs = RemoteEnvVec(bench_envs.SLOW_ID, n, client=session.client(url), delay=delay)
+        envs = RemoteEnvVec(SLOW_ID, n, client=session.client(url), delay=delay)
         try:
             rate = vector_rate(envs, opts.duration, opts.warmup)
             used = len(envs.workers)
@@ -359,32 +361,46 @@ def case_slow(session: Session, note: Callable[[str], None]) -> Iterator[Figure]
 # --- 4. big observations ------------------------------------------------------------------------------------
 
 def case_bigobs(session: Session, note: Callable[[str], None]) -> Iterator[Figure]:
+    from floor import Floor, sized_request
+
     from remoterl import RemoteEnvVec
 
     opts = session.options
     n = 8
     client = session.client(session.broker(opts.workers))
-    for shape in ((84, 84, 3), (210, 160, 3)):
-        label = "×".join(map(str, shape))
-        mb = n * int(np.prod(shape)) / 1e6  # MB per vector step
-        note(f"SyncVectorEnv(8) of {label} uint8")
-        envs = local_vector("sync", bench_envs.IMAGE_ID, n, shape=shape)
-        try:
-            local = vector_rate(envs, opts.duration, opts.warmup)
-        finally:
-            envs.close()
-        note(f"RemoteEnvVec(8) of {label} uint8")
-        envs = RemoteEnvVec(bench_envs.IMAGE_ID, n, client=client, max_workers=1, shape=list(shape))
-        try:
-            rate = vector_rate(envs, opts.duration, opts.warmup)
-        finally:
-            envs.close()
-        target = ">= 0.5" if shape == (84, 84, 3) else None
-        extra = {"shape": list(shape), "bytes_per_obs": int(np.prod(shape))}
-        yield Figure("bigobs", f"RemoteEnvVec(8) {label} uint8, 1 worker", rate, "env-steps/s",
-                     "SyncVectorEnv(8)", local, target, extra=extra)
-        yield Figure("bigobs", f"RemoteEnvVec(8) {label} uint8, 1 worker", rate * mb / n, "MB/s",
-                     "SyncVectorEnv(8)", local * mb / n, extra=extra)
+    floor = None
+    try:
+        for shape in ((84, 84, 3), (210, 160, 3)):
+            label = "×".join(map(str, shape))
+            obs_bytes = int(np.prod(shape))
+            mb = n * obs_bytes / 1e6  # MB per vector step
+            note(f"SyncVectorEnv(8) of {label} uint8")
+            envs = local_vector("sync", IMAGE_ID, n, shape=shape)
+            try:
+                local = vector_rate(envs, opts.duration, opts.warmup)
+            finally:
+                envs.close()
+            note(f"RemoteEnvVec(8) of {label} uint8")
+            envs = RemoteEnvVec(IMAGE_ID, n, client=client, max_workers=1, shape=list(shape))
+            try:
+                rate = vector_rate(envs, opts.duration, opts.warmup)
+            finally:
+                envs.close()
+            note(f"raw pyzmq floor, {n * obs_bytes // 1000} KB replies")
+            if floor is None:
+                floor = Floor(zero_copy=True).start()
+            request = sized_request(n * obs_bytes)
+            floor_rate = measure_rate(lambda: floor.round_trip_sized(request), opts.duration, opts.warmup) * n
+            target = ">= 0.5" if shape == (84, 84, 3) else None
+            name = f"RemoteEnvVec(8) {label} uint8, 1 worker"
+            extra = {"shape": list(shape), "bytes_per_obs": obs_bytes, "num_envs": n}
+            yield Figure("bigobs", name, rate, "env-steps/s", "SyncVectorEnv(8)", local, target, extra=extra)
+            yield Figure("bigobs", name, rate * mb / n, "MB/s", "SyncVectorEnv(8)", local * mb / n, extra=extra)
+            yield Figure("bigobs", name, rate, "env-steps/s", f"raw pyzmq floor, {n * obs_bytes // 1000} KB replies",
+                         floor_rate, extra=extra)
+    finally:
+        if floor is not None:
+            floor.stop()
 
 
 # --- 5, 6. not built yet --------------------------------------------------------------------------------------

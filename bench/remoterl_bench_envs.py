@@ -20,7 +20,7 @@ from gymnasium import spaces
 
 __all__ = ["IMAGE_ID", "ImageEnv", "SLOW_ID", "SlowEnv", "register"]
 
-SLOW_ID = "RemoteRLBench/Slow-v0"
+SLOW_ID = "RemoteRLBench/Slow-v0"  # also in cases.py, which does not import this module until it runs
 IMAGE_ID = "RemoteRLBench/Image-v0"
 
 

@@ -37,9 +37,9 @@ __all__ = ["main", "machine_info", "parse_args"]
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "bench/run.py") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench/run.py", description="remoterl throughput and latency, each beside its local baseline.",
+        prog=prog, description="remoterl throughput and latency, each beside its local baseline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--duration", type=float, default=None,
                         help="seconds per measurement (default: 2.0; 0.15 with --quick)")
@@ -180,9 +180,14 @@ def machine_line(info: dict[str, Any]) -> str:
 
 # --- main --------------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the suite; return the exit status (0: every figure produced)."""
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "bench/run.py") -> int:
+    """Run the suite; return the exit status (0: every figure produced).
+
+    Args:
+        argv: the options (default: ``sys.argv[1:]``).
+        prog: the command's name in ``--help`` (``remoterl bench`` passes its own).
+    """
+    args = parse_args(argv, prog)
     if args.pin:
         os.sched_setaffinity(0, _cpus(args.pin))  # before any child or thread starts: all inherit it
     info = machine_info(args.pin)

@@ -370,7 +370,13 @@ class BrokerCore:
             self._bad(sender, frames, "REPLY needs client and header frames")
             return
         worker.last_seen = now
-        self._out.append([p.as_bytes(frames[1]), _C_REPLY, *frames[2:]])
+        client_id = p.as_bytes(frames[1])
+        if client_id not in worker.clients:
+            # Only clients holding slots on this worker get its replies (late replies to
+            # closed slots land here too): a worker cannot message arbitrary peers.
+            self.counters["replies_dropped"] += 1
+            return
+        self._out.append([client_id, _C_REPLY, *frames[2:]])
 
     def _call_refused(self, sender: bytes, frames: list, worker_id: bytes, client: RLClient | None) -> None:
         header = _try_header(frames[2])

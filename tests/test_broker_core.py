@@ -433,6 +433,12 @@ class TestCall:
         assert out == [[C1, b"RLC1\x11", head, *payload]]
         assert out[0][2] is head and out[0][3] is payload[0]
 
+    def test_reply_to_a_client_without_slots_there_is_dropped(self, h, slots):
+        h.add_client(C2)
+        assert h.send(W1, [p.worker_frame(W.REPLY), C2, call_header(1)]) == []
+        assert h.send(W1, [p.worker_frame(W.REPLY), b"nobody", call_header(1)]) == []
+        assert h.core.counters["replies_dropped"] == 2
+
     def test_reply_without_header_is_malformed(self, h, slots):
         assert h.send(W1, [p.worker_frame(W.REPLY), C1]) == []
         assert h.core.counters["malformed"] == 1

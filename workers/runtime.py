@@ -23,7 +23,8 @@ NEXT_STEP  a slot that ended on the previous step is reset instead of stepped;
 SAME_STEP  a slot that ends is reset at once; its final obs and info travel in
            ``final`` beside the reset obs and info.
 DISABLED   stepping a slot that ended without a reset is an error.
-(none)     a single env: step only, unbatched values (``RemoteEnv``).
+single     ``"single": true`` instead of ``"m"``: one env, step only, the values
+           exactly as the env returns them (``RemoteEnv``).
 ========== ===============================================================
 
 The client rebuilds the vector ``infos`` dict (``_key`` masks, ``final_obs``) with
@@ -49,7 +50,7 @@ import numpy as np
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
 
 from remoterl import codec
-from remoterl.errors import CodecError, ProtocolError, RemoteRLError, error_to_wire
+from remoterl.errors import CodecError, ProtocolError, RemoteRLError, UnsupportedSpaceError, error_to_wire
 from remoterl.spaces import space_to_wire
 
 __all__ = ["AUTORESET_MODES", "SlotHost"]
@@ -348,7 +349,8 @@ class _EnvFailure(Exception):
 def _env_error(exc: BaseException, context: str, slot: int | None = None) -> dict:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     if isinstance(exc, CodecError):
-        return {"code": "codec", "msg": f"{context}: {exc}"}
+        code = "unsupported_space" if isinstance(exc, UnsupportedSpaceError) else "codec"
+        return {"code": code, "msg": f"{context}: {exc}"}
     desc = {"code": "env", "msg": f"{context}: {type(exc).__name__}: {exc}", "type": type(exc).__name__, "tb": tb}
     if slot is not None:
         desc["slot"] = slot

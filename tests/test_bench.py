@@ -1,0 +1,85 @@
+"""``bench/run.py``: the quick suite runs end to end and produces every figure.
+
+Never asserts a speed: the numbers depend on the machine and its load. What must hold
+is that every case still runs, and that each figure has numbers or an explicit n/a.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "bench", "run.py")
+
+
+@pytest.fixture
+def run():
+    """bench/run.py as a module; sys.path and sys.modules are restored afterwards."""
+    path, modules = list(sys.path), set(sys.modules)
+    spec = importlib.util.spec_from_file_location("remoterl_bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path[:] = path
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
+
+
+def test_quick_run_produces_every_figure(tmp_path, run):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, RUN, "--quick", "--no-progress", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=6 * T)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    result = json.loads(out.read_text())
+
+    assert result["errors"] == []
+    assert result["options"]["cases"] == list(run.CASES)
+    for key in ("cpu_count", "cpu_model", "python", "pyzmq", "libzmq", "gymnasium", "numpy", "pinning", "date"):
+        assert result["machine"][key], key
+    figures = result["figures"]
+    assert {f["case"] for f in figures} == set(run.CASES)
+    for f in figures:
+        if f["na"] is not None:
+            assert f["na"].startswith("n/a"), f
+            continue
+        assert isinstance(f["value"], float) and f["value"] >= 0, f
+        if f["baseline_name"] is not None:
+            assert isinstance(f["baseline"], float) and f["baseline"] > 0, f
+            assert isinstance(f["ratio"], float), f
+        if f["target"] is not None:
+            assert isinstance(f["passed"], bool), f
+    # Each target of issue 5 has its row (with numbers, or n/a until its feature lands).
+    targets = {(f["case"], f["target"]) for f in figures if f["target"]}
+    for case in ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale"):
+        assert any(c == case for c, _ in targets), case
+    # The table went to stdout with every case in it.
+    for case in run.CASES:
+        assert f"| {case}" in proc.stdout, case
+
+
+def test_table_shows_na_and_verdicts(run):
+    Figure = run.Figure
+
+    text = run.table([
+        Figure("latency", "p50", 150.0, "µs", "floor", 100.0, "<= 2.0"),
+        Figure("throughput", "8 envs", 10.0, "env-steps/s", "async", 20.0, ">= 1.5"),
+        Figure("ws", "ws vs tcp", target=">= 0.6", na="n/a: WebSocket bridge not built yet"),
+    ])
+    lines = text.splitlines()
+    assert "1.50×" in lines[2] and "PASS" in lines[2]
+    assert "0.50×" in lines[3] and "FAIL" in lines[3]
+    assert "n/a: WebSocket bridge not built yet" in lines[4]
+
+
+def test_options(run):
+    args = run.parse_args(["--quick", "--case", "latency", "--num-envs", "2,4", "--pin", "0"])
+    assert args.cases == ["latency"] and args.num_envs == (2, 4) and args.duration < 1
+    assert run._cpus("0,2-3") == {0, 2, 3}
