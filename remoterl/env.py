@@ -17,7 +17,7 @@ from gymnasium.envs.registration import EnvSpec
 from remoterl.errors import EnvClosedError, InvalidActionError
 from remoterl.spaces import space_from_wire
 
-__all__ = ["RemoteEnv", "check_action", "spec_from_wire"]
+__all__ = ["RemoteEnv", "check_action", "metadata_from_wire", "spec_from_wire"]
 
 
 class RemoteEnv(gymnasium.Env):
@@ -54,7 +54,7 @@ class RemoteEnv(gymnasium.Env):
         self.env_id = env_id
         self.observation_space = space_from_wire(desc["observation_space"])
         self.action_space = space_from_wire(desc["action_space"])
-        self.metadata = dict(desc.get("metadata") or {})
+        self.metadata = metadata_from_wire(desc.get("metadata"))
         self.render_mode = desc.get("render_mode")
         self.spec = spec_from_wire(desc.get("spec"))
 
@@ -94,6 +94,18 @@ class RemoteEnv(gymnasium.Env):
 
     def __repr__(self) -> str:
         return f"<RemoteEnv {self.env_id} slot={self._slot} worker={self._worker.hex()[:8]}>"
+
+
+def metadata_from_wire(desc: Any) -> dict:
+    """The env's metadata as the worker sent it, with gymnasium's enums restored."""
+    metadata = dict(desc or {})
+    mode = metadata.get("autoreset_mode")
+    if isinstance(mode, str):
+        try:
+            metadata["autoreset_mode"] = gymnasium.vector.AutoresetMode(mode)
+        except ValueError:
+            pass
+    return metadata
 
 
 def spec_from_wire(desc: Any) -> EnvSpec | None:

@@ -26,7 +26,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space
 
-from remoterl.env import spec_from_wire
+from remoterl.env import metadata_from_wire, spec_from_wire
 from remoterl.errors import InvalidActionError
 from remoterl.spaces import space_from_wire
 
@@ -87,7 +87,7 @@ class RemoteEnvVec(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         # VectorEnv.metadata is a class-level dict: every instance gets its own.
-        self.metadata = dict(desc.get("metadata") or {})
+        self.metadata = metadata_from_wire(desc.get("metadata"))
         self.metadata["autoreset_mode"] = self.autoreset_mode
         self.render_mode = desc.get("render_mode")
         self.spec = spec_from_wire(desc.get("spec"))

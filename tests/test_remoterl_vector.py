@@ -176,11 +176,15 @@ def test_bad_reset_mask_raises_like_sync(make_vec, mask, error):
     local, remote = sync_vec("CartPole-v1"), make_vec("CartPole-v1")
     local.reset(seed=0)
     remote.reset(seed=0)
-    with pytest.raises(error) as local_error:
+    with pytest.raises(Exception) as local_error:
         local.reset(options={"reset_mask": mask})
     with pytest.raises(error) as remote_error:
         remote.reset(options={"reset_mask": mask})
-    assert str(remote_error.value) == str(local_error.value)
+    # gymnasium < 1.3 (Ray pins one) checks with bare asserts; later versions raise typed errors
+    # with these exact messages, which RemoteEnvVec matches.
+    if not isinstance(local_error.value, AssertionError):
+        assert type(local_error.value) is error
+        assert str(remote_error.value) == str(local_error.value)
 
 
 def test_num_envs_must_be_positive(url):

@@ -17,6 +17,7 @@ from gymnasium import spaces
 from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
+import remoterl.env
 from remoterl import codec
 from remoterl.spaces import space_from_wire
 from remoterl.workers.runtime import AUTORESET_MODES, SlotHost
@@ -198,7 +199,7 @@ def test_open_describes_the_env(env_id):
     assert observation_space == local.observation_space
     assert action_space == local.action_space
     assert type(action_space) is type(local.action_space)
-    assert desc["metadata"] == local.metadata
+    assert remoterl.env.metadata_from_wire(desc["metadata"]) == local.metadata
     assert desc["render_mode"] is None
 
     spec = gymnasium.spec(env_id)

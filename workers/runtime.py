@@ -39,6 +39,7 @@ client does not own gets a ``closed`` error. Nothing a client sends raises out o
 
 from __future__ import annotations
 
+import enum
 import importlib
 import logging
 import traceback
@@ -389,7 +390,10 @@ def _spec_dict(spec: Any) -> dict | None:
 
 
 def _plain(value: Any) -> Any:
-    """Keep only what can travel: metadata and spec kwargs may hold arbitrary objects."""
+    """Keep only what can travel: metadata and spec kwargs may hold arbitrary objects.
+    Enums (gymnasium's ``AutoresetMode`` in metadata) travel as their value."""
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items() if isinstance(k, str) and _travels(v)}
     if isinstance(value, (list, tuple)):
@@ -398,6 +402,8 @@ def _plain(value: Any) -> Any:
 
 
 def _travels(value: Any) -> bool:
+    if isinstance(value, enum.Enum):
+        return _travels(value.value)
     if value is None or isinstance(value, (bool, int, float, str, bytes, np.ndarray, np.generic)):
         return True
     if isinstance(value, (list, tuple, dict)):
