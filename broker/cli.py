@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import os
 import signal
 import sys
+from urllib.parse import urlsplit
 
 import click
 
-__all__ = ["main"]
+__all__ = ["is_loopback", "main"]
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for endpoints only this machine can reach (127.0.0.0/8, ::1, localhost, ipc, inproc)."""
+    if not endpoint.startswith(("tcp://", "ws://", "wss://")):
+        return True
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", a host name or an interface: reachable from elsewhere
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--bind", "bind", default="tcp://127.0.0.1:5555",
-              help="ZeroMQ endpoint to listen on. Use tcp://0.0.0.0:5555 to accept other hosts.")
+              help="ZeroMQ endpoint to listen on. Use tcp://0.0.0.0:5555 to accept other hosts "
+                   "(then --api-keys, or --insecure).")
 @click.option("--heartbeat", type=click.FloatRange(min=0.01), default=1.0,
               help="Seconds between heartbeats.")
 @click.option("--liveness", type=click.IntRange(min=1), default=3,
@@ -22,8 +39,23 @@ __all__ = ["main"]
               help="Largest message accepted, in bytes. A frame over it makes libzmq drop the "
                    "connection (ZMQ_MAXMSGSIZE); a client message whose frames add up to more gets an "
                    "error reply.")
+@click.option("--api-keys", "api_keys", default=lambda: os.environ.get("REMOTERL_API_KEYS"),
+              show_default="$REMOTERL_API_KEYS",
+              help="File of 'KEY TENANT' lines (re-read on SIGHUP). Every trainer and worker must then "
+                   "present a key; tenants never see each other's workers.")
+@click.option("--insecure", is_flag=True,
+              help="Allow binding a non-loopback address without API keys (anyone can connect).")
+@click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False),
+              help="Encrypt tcp with ZeroMQ CURVE using this .key_secret file (`remoterl keygen`); "
+                   "trainers and workers need the matching public key.")
+@click.option("--max-slots-per-tenant", type=click.IntRange(min=1), default=None,
+              help="Open slots one tenant may hold at once. [default: no limit]")
+@click.option("--max-new-connections", type=click.FloatRange(min=1), default=200.0,
+              help="New trainer/worker sessions accepted per second.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
-def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, verbose: int) -> None:
+def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_keys: str | None,
+         insecure: bool, curve_secret: str | None, max_slots_per_tenant: int | None,
+         max_new_connections: float, verbose: int) -> None:
     """Route trainers' environment calls to simulator workers.
 
     Start it, then start workers and trainers against its address:
@@ -34,14 +66,28 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, verb
       remoterl status --broker tcp://127.0.0.1:5555
 
     SIGINT or SIGTERM stops it cleanly: workers are told, sockets closed, exit 0.
+    SIGHUP re-reads the --api-keys file.
     """
     from remoterl.broker.core import BrokerConfig
     from remoterl.broker.loop import Broker
+    from remoterl.security import load_api_keys
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = BrokerConfig(heartbeat=heartbeat, liveness=liveness, max_message_size=max_message_size)
-    broker = Broker(bind, config)
+    keys = None
+    if api_keys:
+        try:
+            keys = load_api_keys(api_keys)
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"--api-keys: {exc}") from exc
+    elif not is_loopback(bind) and not insecure:
+        raise click.ClickException(
+            f"refusing to bind {bind} without API keys: anyone who can reach it could use your workers. "
+            f"Give --api-keys FILE (lines 'KEY TENANT'), or --insecure if the network is private.")
+    config = BrokerConfig(heartbeat=heartbeat, liveness=liveness, max_message_size=max_message_size,
+                          api_keys=keys, max_slots_per_tenant=max_slots_per_tenant,
+                          max_new_peers_per_second=max_new_connections)
+    broker = Broker(bind, config, curve_secret=curve_secret)
     try:
         url = broker.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint...
@@ -50,9 +96,21 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, verb
     def _stop(signum: int, _frame: object) -> None:
         broker.stop(join=False)
 
+    def _reload(signum: int, _frame: object) -> None:
+        if not api_keys:
+            return
+        try:
+            broker.core.set_api_keys(load_api_keys(api_keys))
+            logging.getLogger("remoterl.broker").warning("API keys re-read (%d keys)", len(broker.core._key_hashes or {}))
+        except (OSError, ValueError) as exc:
+            logging.getLogger("remoterl.broker").error("SIGHUP: keeping the old API keys: %s", exc)
+
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    click.echo(f"remoterl broker listening on {url} (heartbeat {heartbeat:g} s, liveness {liveness})", err=True)
+    signal.signal(signal.SIGHUP, _reload)
+    mode = f"{len(keys)} API keys" if keys else "open (no API keys)"
+    click.echo(f"remoterl broker listening on {url} (heartbeat {heartbeat:g} s, liveness {liveness}; {mode}"
+               f"{'; CURVE' if curve_secret else ''})", err=True)
     sys.stderr.flush()
     broker.run()
     click.echo("remoterl broker stopped", err=True)

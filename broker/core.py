@@ -45,6 +45,8 @@ options, signals. Those live in the loop and the CLI.
 from __future__ import annotations
 
 import collections
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -74,6 +76,10 @@ class BrokerConfig:
     open_timeout: float = 120.0
     max_queued_requests: int = 10_000
     request_ttl: float = 30.0
+    # API keys: key -> tenant. None: open mode (no keys; one tenant, "").
+    api_keys: dict[str, str] | None = None
+    max_slots_per_tenant: int | None = None
+    max_new_peers_per_second: float = 200.0
 
     @property
     def expiry(self) -> float:
@@ -89,6 +95,7 @@ class RLWorker:
     envs: set
     capacity: int
     last_seen: float
+    tenant: str = ""
     info: dict = field(default_factory=dict)
     refused: dict = field(default_factory=dict)  # env id -> why the worker refused its registration
     slots: set = field(default_factory=set)
@@ -107,6 +114,7 @@ class RLClient:
 
     id: bytes
     last_seen: float
+    tenant: str = ""
     info: dict = field(default_factory=dict)
     slots: set = field(default_factory=set)
     workers: collections.Counter = field(default_factory=collections.Counter)
@@ -186,7 +194,11 @@ class BrokerCore:
         self.clients: dict[bytes, RLClient] = {}
         self.slots: dict[int, Slot] = {}
         self.pending_opens: dict[int, PendingOpen] = {}
-        self.registrations: dict[str, dict] = {}
+        self.registrations: dict[tuple[str, str], dict] = {}  # (tenant, env id) -> spec
+        self.tenant_slots: collections.Counter = collections.Counter()
+        self._key_hashes: dict[bytes, str] | None = None
+        self.set_api_keys(self.config.api_keys)
+        self._peer_window = (now, 0)
         self.pending_registers: dict[int, PendingRegister] = {}
         self.mdp_workers: dict[bytes, MdpWorker] = {}
         self.mdp_services: dict[bytes, MdpService] = {}
@@ -392,11 +404,71 @@ class BrokerCore:
 
     # --- remoterl control -----------------------------------------------------------------------
 
+    # --- API keys and tenants ---------------------------------------------------------------------
+
+    def set_api_keys(self, api_keys: dict[str, str] | None) -> None:
+        """Switch to key mode with ``{key: tenant}`` (``None``: open mode). Sessions already
+        admitted keep their tenant; new HELLO/READY messages are checked against the new keys."""
+        if api_keys is None:
+            self._key_hashes = None
+            return
+        self._key_hashes = {hashlib.sha256(key.encode()).digest(): tenant for key, tenant in api_keys.items()}
+
+    @property
+    def open_mode(self) -> bool:
+        """True when no API keys are configured: every peer is in tenant ``""``."""
+        return self._key_hashes is None
+
+    def _tenant_of(self, key: Any) -> str | None:
+        """The tenant an API key belongs to, or None. Keys are never logged.
+
+        The presented key is hashed and the digest compared in constant time, so the
+        time taken says nothing about how much of a key was right.
+        """
+        if self._key_hashes is None:
+            return ""
+        if not isinstance(key, str) or not key:
+            return None
+        digest = hashlib.sha256(key.encode()).digest()
+        found = None
+        for known, tenant in self._key_hashes.items():
+            if hmac.compare_digest(known, digest):
+                found = tenant
+        return found
+
+    def _admit(self, header: dict, now: float, r: Any = None) -> str:
+        """Check the key and the new-peer rate for a HELLO or READY; return the tenant.
+
+        Raises:
+            _Reply: ``auth`` (wrong or missing key) or ``limit`` (too many new peers).
+        """
+        tenant = self._tenant_of(header.get("key"))
+        if tenant is None:
+            self.counters["auth_refused"] += 1
+            raise _Reply(r, "auth", "wrong or missing API key: the broker refused this peer")
+        start, count = self._peer_window
+        if now - start >= 1.0:
+            start, count = now, 0
+        if count >= self.config.max_new_peers_per_second:
+            self.counters["rate_limited"] += 1
+            raise _Reply(r, "limit", f"more than {self.config.max_new_peers_per_second:g} new connections a second; "
+                                     f"try again shortly")
+        self._peer_window = (start, count + 1)
+        return tenant
+
     def _on_hello(self, sender: bytes, frames: list, now: float, role: str) -> None:
         header = _header(frames, 1)
-        client = self._client(sender, now)
+        client = self.clients.get(sender)
+        if client is None:
+            if sender in self.workers or sender in self.mdp_workers:
+                raise ProtocolError("this peer is registered as a worker")
+            tenant = self._admit(header, now)
+            client = self.clients[sender] = RLClient(sender, now, tenant)
+        elif self._tenant_of(header.get("key")) != client.tenant:
+            raise _Reply(None, "auth", "wrong or missing API key: the broker refused this peer")
+        client.last_seen = now
         client.info = {k: header[k] for k in ("name", "pid", "host") if k in header}
-        self._out.append([sender, p.client_frame(C.WELCOME), p.encode_header(self._welcome())])
+        self._out.append([sender, p.client_frame(C.WELCOME), p.encode_header({**self._welcome(), "you": sender})])
 
     def _welcome(self) -> dict:
         return {
@@ -407,11 +479,13 @@ class BrokerCore:
             "max_message_size": self.config.max_message_size,
         }
 
-    def _client(self, client_id: bytes, now: float) -> RLClient:
+    def _client(self, client_id: bytes, now: float, r: Any = None) -> RLClient:
         client = self.clients.get(client_id)
         if client is None:
             if client_id in self.workers or client_id in self.mdp_workers:
                 raise ProtocolError("this peer is registered as a worker")
+            if not self.open_mode:
+                raise _Reply(r, "auth", "say HELLO with your API key first")
             client = self.clients[client_id] = RLClient(client_id, now)
         client.last_seen = now
         return client
@@ -432,11 +506,17 @@ class BrokerCore:
             raise _Reply(r, "protocol", "OPEN kwargs and opts must be maps")
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
             raise _Reply(r, "protocol", f"max_workers must be a positive integer, got {max_workers!r}")
-        client = self._client(sender, now)
+        client = self._client(sender, now, r)
         # "*": a worker that serves any env id gymnasium can make there (the embedded default).
-        serving = [self.workers[w] for w in self.env_index.get(env, set()) | self.env_index.get("*", set())]
+        # Only the client's own tenant's workers are candidates, or even mentioned.
+        serving = [self.workers[w] for w in self.env_index.get(env, set()) | self.env_index.get("*", set())
+                   if self.workers[w].tenant == client.tenant]
         if not serving:
-            raise _Reply(r, "no_worker", self._no_worker_message(env))
+            raise _Reply(r, "no_worker", self._no_worker_message(env, client.tenant))
+        limit = self.config.max_slots_per_tenant
+        if limit is not None and self.tenant_slots[client.tenant] + n > limit:
+            raise _Reply(r, "limit", f"this tenant may hold at most {limit} open slots "
+                                     f"({self.tenant_slots[client.tenant]} open, {n} asked for)")
         placement = _place(serving, n, max_workers)
         if placement is None:
             free = sum(max(w.free, 0) for w in serving)
@@ -455,6 +535,7 @@ class BrokerCore:
             worker.clients[sender] += 1
             client.slots.add(slot.id)
             client.workers[worker.id] += 1
+            self.tenant_slots[client.tenant] += 1
             order.append(slot.id)
             by_worker.setdefault(worker.id, []).append(slot.id)
         self.pending_opens[open_r] = PendingOpen(
@@ -464,11 +545,11 @@ class BrokerCore:
                 {"r": open_r, "env": env, "kwargs": kwargs, "opts": opts, "slots": slot_ids})])
         self.counters["opens"] += 1
 
-    def _no_worker_message(self, env: str) -> str:
-        served = sorted(self.env_index)
+    def _no_worker_message(self, env: str, tenant: str = "") -> str:
+        served = sorted(e for e, ids in self.env_index.items() if any(self.workers[w].tenant == tenant for w in ids))
         listing = ", ".join(served) if served else "nothing (no worker is connected)"
         refusals = [f"worker {_name(w.id, w.info)} refused to register it: {w.refused[env]}"
-                    for w in self.workers.values() if env in w.refused]
+                    for w in self.workers.values() if env in w.refused and w.tenant == tenant]
         why = (" " + "; ".join(refusals) + ".") if refusals else ""
         return (f"no worker serves env id {env!r}; workers serve: {listing}.{why} "
                 f"Start one with: remoterl-worker --env {env} --broker URL")
@@ -518,7 +599,7 @@ class BrokerCore:
         wanted = header.get("slots")
         if not isinstance(wanted, list):
             raise _Reply(r, "protocol", "CLOSE needs a list of slots")
-        client = self._client(sender, now)
+        client = self._client(sender, now, r)
         mine = [self.slots[s] for s in dict.fromkeys(s for s in wanted if type(s) is int and s in client.slots)]
         self._close_slots(mine)
         self._out.append([sender, p.client_frame(C.CLOSED), p.encode_header({"r": r, "closed": [s.id for s in mine]})])
@@ -539,8 +620,11 @@ class BrokerCore:
         else:
             peer = self.workers.get(peer_id)
             frame = p.worker_frame(W.HEARTBEAT)
+        if peer is not None and not self.open_mode and self._tenant_of(header.get("key")) != peer.tenant:
+            peer = None  # in key mode only the peer's own key keeps it alive
+        if peer is not None and role == "worker":
             stats = header.get("stats")
-            if peer is not None and isinstance(stats, dict):
+            if isinstance(stats, dict):
                 peer.stats = stats
         if peer is not None:
             peer.last_seen = now
@@ -556,17 +640,24 @@ class BrokerCore:
             raise ProtocolError("READY needs a capacity >= 0")
         if sender in self.clients or sender in self.mdp_workers:
             raise ProtocolError("this peer is already registered in another role")
+        try:
+            tenant = self._admit(header, now)
+        except _Reply as exc:
+            self._out.append([sender, p.worker_frame(W.ERROR), p.encode_header({"code": exc.code, "msg": str(exc)})])
+            return
         old = self.workers.get(sender)
         if old is not None:  # RFC 7: a second READY restarts the worker's session
             self._purge_worker(old, "re-registered")
         info = {k: header[k] for k in ("name", "pid", "host") if k in header}
-        worker = self.workers[sender] = RLWorker(sender, set(envs), capacity, now, info)
+        worker = self.workers[sender] = RLWorker(sender, set(envs), capacity, now, tenant, info)
         for env in worker.envs:
             self.env_index.setdefault(env, set()).add(sender)
         log.info("worker %s ready: %d slots of %s", _name(sender, info), capacity, ", ".join(sorted(envs)) or "nothing")
-        self._out.append([sender, p.worker_frame(W.WELCOME), p.encode_header(self._welcome())])
+        self._out.append([sender, p.worker_frame(W.WELCOME), p.encode_header({**self._welcome(), "you": sender})])
         # Registrations made before this worker arrived (r=0: nobody waits for the answer).
-        for spec in self.registrations.values():
+        for (reg_tenant, _), spec in self.registrations.items():
+            if reg_tenant != tenant:
+                continue
             self._out.append([sender, p.worker_frame(W.REGISTER), p.encode_header({"r": 0, "spec": spec})])
 
     # --- registration mirroring -------------------------------------------------------------
@@ -582,15 +673,17 @@ class BrokerCore:
             raise _Reply(r, "protocol", "REGISTER needs an entry point string 'package.module:Attribute' "
                                         "(callables cannot travel)")
         env = spec["id"]
-        if env not in self.registrations and len(self.registrations) >= _MAX_REGISTRATIONS:
+        client = self._client(sender, now, r)
+        key = (client.tenant, env)
+        if key not in self.registrations and len(self.registrations) >= _MAX_REGISTRATIONS:
             raise _Reply(r, "protocol", f"too many registrations (at most {_MAX_REGISTRATIONS})")
-        self._client(sender, now)
-        self.registrations[env] = spec
+        self.registrations[key] = spec
         register_r = self._next_open
         self._next_open += 1
-        pending = PendingRegister(sender, r, env, set(self.workers), now + self.config.open_timeout)
+        mine = {w.id for w in self.workers.values() if w.tenant == client.tenant}
+        pending = PendingRegister(sender, r, env, set(mine), now + self.config.open_timeout)
         self.pending_registers[register_r] = pending
-        for worker_id in self.workers:
+        for worker_id in mine:
             self._out.append([worker_id, p.worker_frame(W.REGISTER), p.encode_header({"r": register_r, "spec": spec})])
         if not pending.waiting:
             self._finish_register(register_r, pending)
@@ -603,7 +696,7 @@ class BrokerCore:
         worker.last_seen = now
         header = _header(frames, 1)
         env, ok, msg, r = header.get("id"), header.get("ok"), header.get("msg"), header.get("r")
-        if not isinstance(env, str) or env not in self.registrations:
+        if not isinstance(env, str) or (worker.tenant, env) not in self.registrations:
             raise ProtocolError(f"REGISTERED for an env id nobody registered: {env!r}")
         name = _name(worker.id, worker.info)
         if ok is True:
@@ -664,6 +757,7 @@ class BrokerCore:
         if client is not None:
             client.slots.discard(slot.id)
             _decrement(client.workers, slot.worker)
+            _decrement(self.tenant_slots, client.tenant)
 
     def _purge_worker(self, worker: RLWorker, reason: str) -> None:
         lost: dict[bytes, list[int]] = {}
@@ -709,6 +803,9 @@ class BrokerCore:
     def _on_mdp_client(self, sender: bytes, frames: list, now: float) -> None:
         request = p.parse_mdp_client(frames)
         service = request.service
+        if not self.open_mode and service != b"remoterl.status":
+            # Key-less Majordomo peers are allowed in open mode only.
+            raise ProtocolError("Majordomo clients are not allowed: this broker requires API keys")
         if service.startswith(b"mmi.") or service == b"remoterl.status":
             from remoterl.broker.services import answer  # noqa: PLC0415 (rarely used)
 
@@ -731,6 +828,9 @@ class BrokerCore:
     def _on_mdp_worker(self, sender: bytes, frames: list, now: float) -> None:
         msg = p.parse_mdp_worker(frames)
         worker = self.mdp_workers.get(sender)
+        if msg.command == "READY" and not self.open_mode:
+            self._out.append([sender, *p.mdp_worker_disconnect(msg.version, empty_prefix=msg.empty_prefix)])
+            raise ProtocolError("Majordomo workers are not allowed: this broker requires API keys")
         if msg.command == "READY":
             if worker is not None or sender in self.workers or sender in self.clients:
                 if worker is not None:  # a second READY re-registers the worker, as for remoterl workers
@@ -828,6 +928,7 @@ class BrokerCore:
             "workers": len(self.workers), "clients": len(self.clients), "slots": len(self.slots),
             "pending_opens": len(self.pending_opens), "env_index": len(self.env_index),
             "registrations": len(self.registrations), "pending_registers": len(self.pending_registers),
+            "tenant_slots": sum(self.tenant_slots.values()),
             "mdp_workers": len(self.mdp_workers), "mdp_services": len(self.mdp_services),
             "mdp_requests": sum(len(s.requests) for s in self.mdp_services.values()),
         }

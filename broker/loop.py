@@ -35,9 +35,11 @@ class Broker:
     """
 
     def __init__(self, url: str = "tcp://127.0.0.1:5555", config: BrokerConfig | None = None,
-                 context: zmq.Context | None = None, also: tuple[str, ...] = ()) -> None:
+                 context: zmq.Context | None = None, also: tuple[str, ...] = (),
+                 curve_secret: str | None = None) -> None:
         self.requested_url = url
         self.also = also  # more endpoints on the same socket, e.g. inproc:// for an in-process trainer
+        self.curve_secret = curve_secret  # CURVE for tcp peers (inproc ones are exempt)
         self.config = config or BrokerConfig()
         self.core = BrokerCore(self.config, time.monotonic())
         self._ctx = context or zmq.Context.instance()
@@ -55,6 +57,10 @@ class Broker:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        if self.curve_secret:
+            from remoterl.security import apply_curve_server
+
+            apply_curve_server(sock, self.curve_secret)
         sock.bind(self.requested_url)
         self.url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         for endpoint in self.also:

@@ -24,21 +24,31 @@ def answer(core: BrokerCore, service: bytes, body: list) -> list[bytes]:
     not. ``remoterl.status``: one JSON frame, see :func:`status`. Any other ``mmi.``
     name: ``501``.
     """
+    if service == b"remoterl.status":
+        # In key mode the API key is the first body frame, and the answer covers its tenant only.
+        tenant = "" if core.open_mode else core._tenant_of(bytes(body[0]).decode("utf-8", "replace") if body else None)
+        if tenant is None:
+            return [json.dumps({"error": "auth", "msg": "remoterl.status needs a valid API key "
+                                                        "(the first body frame)"}).encode()]
+        return [json.dumps(status(core, tenant)).encode()]
     if service == b"mmi.service":
         name = bytes(body[0]) if body else b""
         svc = core.mdp_services.get(name)
         env_id = name.decode("utf-8", "replace")
         known = (svc is not None and svc.workers > 0) or env_id in core.env_index or "*" in core.env_index
         return [b"200" if known else b"404"]
-    if service == b"remoterl.status":
-        return [json.dumps(status(core)).encode()]
     return [b"501"]
 
 
-def status(core: BrokerCore) -> dict:
-    """A JSON-able snapshot of the broker: workers, services, slots, clients, counters."""
+def status(core: BrokerCore, tenant: str | None = None) -> dict:
+    """A JSON-able snapshot of the broker: workers, services, slots, clients, counters.
+
+    With ``tenant``, only that tenant's workers, services and clients are listed (and no
+    Majordomo peers); a tenant never learns of another's workers.
+    """
     workers = []
-    for worker in core.workers.values():
+    mine = [w for w in core.workers.values() if tenant is None or w.tenant == tenant]
+    for worker in mine:
         workers.append({
             "id": worker.id.hex(),
             "kind": "remoterl",
@@ -49,7 +59,7 @@ def status(core: BrokerCore) -> dict:
             "calls": worker.calls,
             "stats": {k: v for k, v in worker.stats.items() if isinstance(k, str) and isinstance(v, (int, float))},
         })
-    for worker in core.mdp_workers.values():
+    for worker in (core.mdp_workers.values() if core.open_mode else ()):
         workers.append({
             "id": worker.id.hex(),
             "kind": f"mdp/0.{worker.version.value}",
@@ -57,11 +67,13 @@ def status(core: BrokerCore) -> dict:
             "calls": worker.calls,
             "busy": worker.current is not None,
         })
-    services = [{"name": env, "kind": "env", "workers": len(ids),
-                 "free_slots": sum(core.workers[w].free for w in ids)}
-                for env, ids in sorted(core.env_index.items())]
+    ids_mine = {w.id for w in mine}
+    services = [{"name": env, "kind": "env", "workers": len(ids & ids_mine),
+                 "free_slots": sum(core.workers[w].free for w in ids & ids_mine)}
+                for env, ids in sorted(core.env_index.items()) if ids & ids_mine]
     services += [{"name": svc.name.decode("utf-8", "replace"), "kind": "mdp", "workers": svc.workers,
-                  "queued": len(svc.requests)} for svc in core.mdp_services.values()]
+                  "queued": len(svc.requests)} for svc in (core.mdp_services.values() if core.open_mode else ())]
+    clients = [c for c in core.clients.values() if tenant is None or c.tenant == tenant]
     return {
         "broker": core.instance,
         "started": core._wall_started,
@@ -69,8 +81,8 @@ def status(core: BrokerCore) -> dict:
         "workers": workers,
         "services": services,
         "clients": [{"id": c.id.hex(), **{k: v for k, v in c.info.items() if isinstance(v, (str, int))},
-                     "slots": len(c.slots)} for c in core.clients.values()],
-        "open_slots": sum(1 for s in core.slots.values() if s.open),
+                     "slots": len(c.slots)} for c in clients],
+        "open_slots": sum(1 for s in core.slots.values() if s.open and s.worker in ids_mine),
         "counters": dict(core.counters),
         "tables": core.table_sizes(),
     }

@@ -21,6 +21,7 @@ _LAZY: dict[str, str] = {
     "CodecError": "remoterl.errors",
     "EnvClosedError": "remoterl.errors",
     "InvalidActionError": "remoterl.errors",
+    "LimitExceededError": "remoterl.errors",
     "MessageTooLargeError": "remoterl.errors",
     "NoWorkerError": "remoterl.errors",
     "ProtocolError": "remoterl.errors",

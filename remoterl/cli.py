@@ -10,22 +10,30 @@ import click
 __all__ = ["fetch_status", "main"]
 
 
-def fetch_status(url: str, timeout: float = 5.0) -> dict:
+def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
+                 curve_serverkey: str | None = None) -> dict:
     """Ask the broker's ``remoterl.status`` service (an MDP/0.2 request) for a snapshot.
+
+    Args:
+        api_key: required by a broker with API keys; the answer covers that key's tenant.
+        curve_serverkey: the broker's CURVE public key, if it uses CURVE.
 
     Raises:
         BrokerUnavailableError: no answer within ``timeout``.
+        AuthenticationError: the broker wants a (different) key.
     """
     import zmq
 
-    from remoterl.errors import BrokerUnavailableError
+    from remoterl.errors import AuthenticationError, BrokerUnavailableError
+    from remoterl.security import apply_curve_client, curve_serverkey_from_env
 
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_curve_client(sock, curve_serverkey or curve_serverkey_from_env())
     try:
         sock.connect(url)
-        sock.send_multipart([b"MDPC02", b"\x01", b"remoterl.status"])
+        sock.send_multipart([b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])])
         if not sock.poll(timeout * 1000):
             raise BrokerUnavailableError(
                 f"no remoterl broker answered at {url} within {timeout:g} s. "
@@ -33,7 +41,10 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict:
         frames = sock.recv_multipart()
     finally:
         sock.close()
-    return json.loads(frames[-1])
+    snap = json.loads(frames[-1])
+    if snap.get("error") == "auth":
+        raise AuthenticationError(snap.get("msg", "the broker refused the API key"))
+    return snap
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -53,13 +64,15 @@ def main() -> None:
               show_default="$REMOTERL_BROKER or tcp://127.0.0.1:5555", help="The broker's address.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker.")
-def status(broker: str, as_json: bool, timeout: float) -> None:
+@click.option("--api-key", default=lambda: os.environ.get("REMOTERL_API_KEY"), show_default="$REMOTERL_API_KEY",
+              help="Your key, for a broker that requires keys (you see your tenant only).")
+def status(broker: str, as_json: bool, timeout: float, api_key: str | None) -> None:
     """Show a broker's workers, services, open slots and call counts."""
-    from remoterl.errors import BrokerUnavailableError
+    from remoterl.errors import AuthenticationError, BrokerUnavailableError
 
     try:
-        snap = fetch_status(broker, timeout)
-    except BrokerUnavailableError as exc:
+        snap = fetch_status(broker, timeout, api_key=api_key)
+    except (BrokerUnavailableError, AuthenticationError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(snap, indent=2))
@@ -76,6 +89,22 @@ def status(broker: str, as_json: bool, timeout: float) -> None:
     click.echo()
     srows = [[s["name"], s["kind"], s["workers"], s.get("free_slots", s.get("queued", ""))] for s in snap["services"]]
     click.echo(_table(srows, ["SERVICE", "KIND", "WORKERS", "FREE SLOTS / QUEUED"]) if srows else "no services")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def keygen(directory: str) -> None:
+    """Write a CURVE key pair for a broker into DIRECTORY (broker.key, broker.key_secret).
+
+    \b
+      remoterl-broker --bind tcp://0.0.0.0:5555 --api-keys keys.txt --curve-secret DIR/broker.key_secret
+      REMOTERL_CURVE_SERVERKEY=DIR/broker.key remoterl-worker --broker tcp://HOST:5555 ...
+    """
+    from remoterl.security import keygen as make_keys
+
+    public, secret = make_keys(directory)
+    click.echo(f"public key (give it to trainers and workers): {public}")
+    click.echo(f"secret key (keep it on the broker, --curve-secret): {secret}")
 
 
 @main.command()

@@ -24,7 +24,8 @@ an error also derives from it (a timeout is a ``TimeoutError``, a lost peer a
     │                                  an action that cannot fit the action space (not sent)
     ├── RemoteTimeoutError (TimeoutError)
     │                                  no reply within the call's timeout
-    └── AuthenticationError            wrong or missing API key
+    ├── AuthenticationError            wrong or missing API key
+    └── LimitExceededError             a broker limit (slots per tenant, new connections a second)
 
 "You closed it" (:class:`EnvClosedError`) is kept apart from "it broke"
 (:class:`WorkerLostError`): the first is a bug in the caller, the second an
@@ -40,6 +41,7 @@ __all__ = [
     "CodecError",
     "EnvClosedError",
     "InvalidActionError",
+    "LimitExceededError",
     "MessageTooLargeError",
     "NoWorkerError",
     "ProtocolError",
@@ -137,6 +139,10 @@ class AuthenticationError(RemoteRLError):
     """The broker refused the API key (wrong or missing)."""
 
 
+class LimitExceededError(RemoteRLError):
+    """A broker limit was reached: open slots per tenant, or new connections a second."""
+
+
 # Error codes on the wire. The broker and workers send ``{"code": ..., "msg": ...}``;
 # the client turns it back into the matching class.
 _CODES: dict[str, type[RemoteRLError]] = {
@@ -151,6 +157,7 @@ _CODES: dict[str, type[RemoteRLError]] = {
     "closed": EnvClosedError,
     "timeout": RemoteTimeoutError,
     "auth": AuthenticationError,
+    "limit": LimitExceededError,
 }
 _NAMES = {cls: code for code, cls in _CODES.items()}
 

@@ -169,7 +169,7 @@ def get_client(broker: str | None = None) -> Any:
         if client is None or client._closed:
             timeout = _settings.timeout if _settings is not None else 60.0
             api_key = _settings.api_key if _settings is not None else os.environ.get("REMOTERL_API_KEY")
-            client = Client(url, timeout=timeout, api_key=api_key).connect()
+            client = Client(url, timeout=timeout, api_key=api_key or None).connect()
             _clients[key] = client
         return client
 

@@ -109,7 +109,7 @@ class ClientCommand(enum.IntEnum):
     """Commands between a remoterl client (trainer) and the broker."""
 
     HELLO = 0x01        # c→b {v, name?, pid?, host?, key?}
-    WELCOME = 0x02      # b→c {v, broker, heartbeat, liveness, max_message_size}
+    WELCOME = 0x02      # b→c {v, broker, heartbeat, liveness, max_message_size, you}
     OPEN = 0x03         # c→b {r, env, kwargs, opts?, n, max_workers?}
     OPENED = 0x04       # b→c {r, slots: [[slot, worker], ...], env: {...}}
     CLOSE = 0x05        # c→b {r, slots}
@@ -128,12 +128,13 @@ class WorkerCommand(enum.IntEnum):
     """Commands between a remoterl worker (simulator) and the broker."""
 
     READY = 0x01        # w→b {v, envs, capacity, name?, pid?, host?, key?}
-    WELCOME = 0x02      # b→w {v, broker, heartbeat, liveness, max_message_size}
+    WELCOME = 0x02      # b→w {v, broker, heartbeat, liveness, max_message_size, you}
     OPEN = 0x03         # b→w frames: client, {r, env, kwargs, opts, slots}
     OPENED = 0x04       # w→b frames: client, {r, slots, env?|error?}
     CLOSE = 0x05        # b→w frames: client, {slots}; no reply
     HEARTBEAT = 0x07    # w→b {id, stats?}; b→w {broker, known, id}
     DISCONNECT = 0x08   # both ways: the peer leaves / the broker tells a worker to re-register
+    ERROR = 0x09        # b→w {code, msg}: READY refused (wrong API key, rate limit)
     REGISTER = 0x0B     # b→w {r, spec}: register an env id by its entry-point string
     REGISTERED = 0x0C   # w→b {r, id, ok, msg}
     CALL = 0x10         # b→w frames: client, header, *payload

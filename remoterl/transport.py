@@ -32,12 +32,14 @@ from remoterl import protocol as p
 from remoterl.client import ClientCore, Pending
 from remoterl.errors import (
     BrokerUnavailableError,
+    error_from_wire,
     MessageTooLargeError,
     ProtocolError,
     RemoteTimeoutError,
     WorkerLostError,
 )
 from remoterl.protocol import ClientCommand as C
+from remoterl.security import apply_curve_client, curve_serverkey_from_env
 
 __all__ = ["Client", "Opened"]
 
@@ -65,17 +67,21 @@ class Client:
         timeout: default seconds to wait for a reply.
         connect_timeout: seconds to wait for the broker's WELCOME.
         name: shown in ``remoterl status``.
-        api_key: presented in HELLO.
+        api_key: presented in HELLO; default ``$REMOTERL_API_KEY`` via ``remoterl.init``.
+        curve_serverkey: the broker's CURVE public key (default ``$REMOTERL_CURVE_SERVERKEY``):
+            tcp traffic is then encrypted and the broker authenticated.
     """
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, name: str | None = None,
-                 api_key: str | None = None, context: zmq.Context | None = None) -> None:
+                 api_key: str | None = None, curve_serverkey: str | bytes | None = None,
+                 context: zmq.Context | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._api_key = api_key
+        self._curve = curve_serverkey if curve_serverkey is not None else curve_serverkey_from_env()
         self._ctx = context or zmq.Context.instance()
         self.core = ClientCore()
         self.identity = b"C" + os.urandom(15)
@@ -105,6 +111,7 @@ class Client:
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        apply_curve_client(sock, self._curve)
         try:
             sock.connect(self.url)
         except zmq.ZMQError as exc:
@@ -125,10 +132,17 @@ class Client:
                 f"Start one with: remoterl-broker --bind {self.url}  (or call remoterl.init() "
                 f"without a broker URL to use an embedded one)")
         frames = sock.recv_multipart()
+        if p.as_bytes(frames[0]) == p.client_frame(C.ERROR) and len(frames) >= 2:
+            self.close()
+            raise error_from_wire(p.decode_header(frames[1]))  # AuthenticationError, LimitExceededError
         if p.as_bytes(frames[0]) != p.client_frame(C.WELCOME) or len(frames) < 2:
             self.close()
             raise ProtocolError(f"the peer at {self.url} did not answer like a remoterl broker")
         welcome = p.decode_header(frames[1])
+        # The broker names us as it sees us (a WebSocket bridge assigns its own ids).
+        you = welcome.get("you")
+        if isinstance(you, bytes) and you:
+            self.identity = you
         self.heartbeat = float(welcome.get("heartbeat", self.heartbeat))
         self.liveness = int(welcome.get("liveness", self.liveness))
         self.max_message_size = int(welcome.get("max_message_size", self.max_message_size))
@@ -321,9 +335,13 @@ class Client:
         """Ping the broker; notice when it goes silent or forgets this session."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        apply_curve_client(sock, self._curve)
         sock.connect(self.url)
         frame = p.client_frame(C.HEARTBEAT)
-        ping = p.encode_header({"id": self.identity})
+        ping_header = {"id": self.identity}
+        if self._api_key:
+            ping_header["key"] = self._api_key
+        ping = p.encode_header(ping_header)
         last_pong = time.monotonic()
         try:
             while not self._hb_stop.is_set():

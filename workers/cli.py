@@ -32,9 +32,15 @@ __all__ = ["main"]
 @click.option("--liveness", type=click.IntRange(min=1), default=3,
               help="Heartbeats the broker may miss before the worker reconnects.")
 @click.option("--name", default=None, help="A name shown by `remoterl status`. [default: HOST:PID]")
+@click.option("--api-key", default=lambda: os.environ.get("REMOTERL_API_KEY"), show_default="$REMOTERL_API_KEY",
+              help="The key this worker presents to a broker that requires keys.")
+@click.option("--curve-serverkey", default=lambda: os.environ.get("REMOTERL_CURVE_SERVERKEY"),
+              show_default="$REMOTERL_CURVE_SERVERKEY",
+              help="The broker's CURVE public key (z85 text or its broker.key file): encrypts tcp traffic.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
 def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, imports: tuple[str, ...],
-         allow_import: tuple[str, ...], heartbeat: float, liveness: int, name: str | None, verbose: int) -> None:
+         allow_import: tuple[str, ...], heartbeat: float, liveness: int, name: str | None, api_key: str | None,
+         curve_serverkey: str | None, verbose: int) -> None:
     """Host environment slots for trainers, through a broker.
 
     \b
@@ -48,7 +54,7 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     """
     import gymnasium
 
-    from remoterl.workers.pool import WorkerPool, WorkerSpec, run_worker, split_capacity
+    from remoterl.workers.pool import REFUSED_EXIT_CODE, WorkerPool, WorkerSpec, run_worker, split_capacity
     from remoterl.workers.runtime import import_modules
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -70,13 +76,19 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     procs = min(procs, n)
     capacities = split_capacity(n, procs)
     specs = [WorkerSpec(broker, served, cap, list(imports), list(allow_import), heartbeat, liveness,
-                        f"{name}-{i}" if name and procs > 1 else name, level)
+                        f"{name}-{i}" if name and procs > 1 else name, level, api_key or None,
+                        curve_serverkey or None)
              for i, cap in enumerate(capacities)]
     what = ", ".join(env_ids) if env_ids else "every registered env id"
     click.echo(f"remoterl worker: {n} slots of {what} in {procs} process(es), broker {broker}", err=True)
     sys.stderr.flush()
     if procs == 1:
-        run_worker(specs[0])
+        try:
+            run_worker(specs[0])
+        except SystemExit as exc:
+            if exc.code == REFUSED_EXIT_CODE:
+                raise click.ClickException("the broker refused this worker (see the error above)") from exc
+            raise
         return
     pool = WorkerPool(specs)
 

@@ -23,6 +23,8 @@ import zmq
 
 from remoterl import protocol as p
 from remoterl._zmqio import recv_frames, send_frames
+from remoterl.errors import error_from_wire
+from remoterl.security import apply_curve_client, curve_serverkey_from_env
 from remoterl.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
 
@@ -50,7 +52,8 @@ class WorkerLoop:
     """
 
     def __init__(self, url: str, host: SlotHost, *, heartbeat: float = 1.0, liveness: int = 3,
-                 name: str | None = None, context: zmq.Context | None = None) -> None:
+                 name: str | None = None, api_key: str | None = None, curve_serverkey: str | bytes | None = None,
+                 context: zmq.Context | None = None) -> None:
         self.url = url
         self.host = host
         self.heartbeat = heartbeat
@@ -64,6 +67,9 @@ class WorkerLoop:
         self._in_poll = False
         self._reconnect = threading.Event()
         self._hb_thread: threading.Thread | None = None
+        self._api_key = api_key
+        self._curve = curve_serverkey if curve_serverkey is not None else curve_serverkey_from_env()
+        self.error: BaseException | None = None  # why run() gave up (e.g. AuthenticationError)
 
     # --- control -------------------------------------------------------------------------------
 
@@ -74,7 +80,11 @@ class WorkerLoop:
             raise _Stop
 
     def run(self) -> None:
-        """Register with the broker and serve until :meth:`stop`."""
+        """Register with the broker and serve until :meth:`stop`.
+
+        Raises:
+            AuthenticationError, LimitExceededError: the broker refused this worker.
+        """
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="remoterl-worker-heartbeat", daemon=True)
         self._hb_thread.start()
         try:
@@ -85,6 +95,8 @@ class WorkerLoop:
             pass
         finally:
             self._disconnect()
+        if self.error is not None:
+            raise self.error
 
     # --- registration -----------------------------------------------------------------------------
 
@@ -98,12 +110,16 @@ class WorkerLoop:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        apply_curve_client(sock, self._curve)
         sock.connect(self.url)
         self._sock = sock
-        ready = p.encode_header({
+        ready_header = {
             "v": p.PROTOCOL_VERSION, "envs": self.host.served(), "capacity": self.host.capacity,
             "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
-        })
+        }
+        if self._api_key:
+            ready_header["key"] = self._api_key
+        ready = p.encode_header(ready_header)
         sock.send_multipart([p.worker_frame(W.READY), ready])
         log.info("worker %s: READY sent to %s", self.name, self.url)
 
@@ -115,6 +131,9 @@ class WorkerLoop:
             self.heartbeat = float(heartbeat)
         if isinstance(liveness, int) and liveness > 0:
             self.liveness = liveness
+        you = header.get("you")
+        if isinstance(you, bytes) and you:
+            self.identity = you  # the broker's name for us (a WebSocket bridge assigns its own)
         self._last_pong = time.monotonic()
         self.registered.set()
         log.info("worker %s registered with broker %s", self.name, header.get("broker"))
@@ -180,6 +199,11 @@ class WorkerLoop:
             elif command == W.DISCONNECT:
                 log.warning("worker %s: broker asked us to re-register", self.name)
                 self._reconnect.set()
+            elif command == W.ERROR:
+                error = error_from_wire(p.decode_header(frames[1]))
+                log.error("worker %s: the broker at %s refused us: %s", self.name, self.url, error)
+                self.error = error
+                self._stopping = True
             else:
                 log.warning("worker %s: unexpected command 0x%02x from broker", self.name, command)
         except Exception:  # bad control input must not stop the worker
@@ -191,6 +215,7 @@ class WorkerLoop:
         """Ping the broker on a side socket; flag a reconnect when it is lost or forgot us."""
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        apply_curve_client(sock, self._curve)
         sock.connect(self.url)
         frame = p.worker_frame(W.HEARTBEAT)
         self._last_pong = time.monotonic()
@@ -200,8 +225,10 @@ class WorkerLoop:
                     continue
                 identity = self.identity
                 sent = time.monotonic()
-                sock.send_multipart([frame, p.encode_header({"id": identity, "stats": dict(self.host.stats,
-                                                             slots=len(self.host.slots))})])
+                ping = {"id": identity, "stats": dict(self.host.stats, slots=len(self.host.slots))}
+                if self._api_key:
+                    ping["key"] = self._api_key
+                sock.send_multipart([frame, p.encode_header(ping)])
                 deadline = sent + self.heartbeat
                 while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
                     if not sock.poll(remaining * 1000):

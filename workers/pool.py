@@ -15,10 +15,14 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-__all__ = ["WorkerSpec", "WorkerPool", "run_worker", "split_capacity"]
+from remoterl.errors import RemoteRLError
+
+__all__ = ["REFUSED_EXIT_CODE", "WorkerPool", "WorkerSpec", "run_worker", "split_capacity"]
 
 log = logging.getLogger(__name__)
 
+# A worker the broker refused (wrong API key...) exits with this code and is not restarted.
+REFUSED_EXIT_CODE = 3
 # A child that crashes more often than this is not restarted again.
 _MAX_RESTARTS = 5
 _RESTART_WINDOW = 60.0
@@ -37,6 +41,8 @@ class WorkerSpec:
     liveness: int = 3
     name: str | None = None
     log_level: int = logging.WARNING
+    api_key: str | None = None  # never logged
+    curve_serverkey: str | None = None
 
 
 def split_capacity(n: int, procs: int) -> list[int]:
@@ -57,14 +63,19 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
     import_modules(spec.imports)
     allow = None if spec.allow_import is None else [*spec.imports, *spec.allow_import]
     loop = WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity, allow_import=allow),
-                      heartbeat=spec.heartbeat, liveness=spec.liveness, name=spec.name)
+                      heartbeat=spec.heartbeat, liveness=spec.liveness, name=spec.name, api_key=spec.api_key,
+                      curve_serverkey=spec.curve_serverkey)
 
     def _stop(signum: int, _frame: object) -> None:
         loop.stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    loop.run()
+    try:
+        loop.run()
+    except RemoteRLError as exc:  # the broker refused us (key, limits): restarting will not help
+        log.error("%s", exc)
+        raise SystemExit(REFUSED_EXIT_CODE) from exc
 
 
 class WorkerPool:
@@ -108,6 +119,10 @@ class WorkerPool:
                 proc = self.procs[i]
                 proc.join()
                 if self._stopping:
+                    continue
+                if proc.exitcode == REFUSED_EXIT_CODE:
+                    log.error("worker process %d was refused by the broker; not restarting it", i)
+                    self.procs[i] = None
                     continue
                 now = time.monotonic()
                 recent = [t for t in self._restarts[i] if now - t < _RESTART_WINDOW]

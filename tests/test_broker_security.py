@@ -1,0 +1,216 @@
+"""API keys, tenants, limits and CURVE: in the core (no sockets) and through the CLIs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import remoterl
+from conftest import T, cli, start_broker, start_worker, status, wait_for
+from remoterl import protocol as p
+from remoterl.broker.core import BrokerConfig, BrokerCore
+from remoterl.broker.services import answer
+from remoterl.cli import fetch_status
+from remoterl.protocol import ClientCommand as C
+from remoterl.protocol import WorkerCommand as W
+
+KEYS = {"key-alpha": "alpha", "key-beta": "beta"}
+
+
+def hdr(msg: list, index: int = 1) -> dict:
+    return p.decode_header(msg[index + 1])  # msg[0] is the routing id
+
+
+@pytest.fixture
+def core():
+    return BrokerCore(BrokerConfig(api_keys=dict(KEYS), max_slots_per_tenant=6), now=0.0)
+
+
+def send(core, sender, frames, now=1.0):
+    core.receive(sender, frames, now)
+    return core.messages_to_send()
+
+
+def hello(key=None):
+    return [p.client_frame(C.HELLO), p.encode_header({"v": 1, **({"key": key} if key else {})})]
+
+
+def ready(key=None, envs=("CartPole-v1",), capacity=8):
+    return [p.worker_frame(W.READY), p.encode_header({"v": 1, "envs": list(envs), "capacity": capacity,
+                                                     **({"key": key} if key else {})})]
+
+
+def open_(r, n=1, env="CartPole-v1"):
+    return [p.client_frame(C.OPEN), p.encode_header({"r": r, "env": env, "n": n})]
+
+
+class TestCoreKeys:
+    """Every trainer and worker presents its key first; nothing is routed otherwise."""
+
+    @pytest.mark.parametrize("key", [None, "", "key-alph", "key-alpha ", "KEY-ALPHA"])
+    def test_wrong_or_missing_key_is_refused_and_leaves_nothing(self, core, key):
+        out = send(core, b"c1", hello(key))
+        assert out[0][1] == p.client_frame(C.ERROR) and hdr(out[0])["code"] == "auth"
+        out = send(core, b"w1", ready(key))
+        assert out[0][1] == p.worker_frame(W.ERROR) and hdr(out[0])["code"] == "auth"
+        assert core.clients == {} and core.workers == {} and core.env_index == {}
+        # Unauthenticated requests are refused too, and create nothing.
+        out = send(core, b"c1", open_(7))
+        assert hdr(out[0])["code"] == "auth" and hdr(out[0])["r"] == 7 and core.clients == {}
+
+    def test_tenants_never_see_each_others_workers(self, core):
+        for worker, key in ((b"wa", "key-alpha"), (b"wb", "key-beta")):
+            assert send(core, worker, ready(key))[0][1] == p.worker_frame(W.WELCOME)
+        send(core, b"ca", hello("key-alpha"))
+        send(core, b"cb", hello("key-beta"))
+        for i in range(4):
+            for client, worker in ((b"ca", b"wa"), (b"cb", b"wb")):
+                out = send(core, client, open_(i, n=1))
+                assert [m[0] for m in out] == [worker]  # the OPEN goes to the tenant's own worker
+        # beta's view: no alpha worker, even in the status service and error messages
+        snap = __import__("json").loads(answer(core, b"remoterl.status", [b"key-beta"])[0])
+        assert [w["id"] for w in snap["workers"]] == [b"wb".hex()]
+        assert b"wa".hex() not in str(snap)
+        send(core, b"wa", ready("key-alpha", envs=("Secret-v0",)))
+        out = send(core, b"cb", open_(9, env="Secret-v0"))
+        served = hdr(out[0])["msg"].split("workers serve:")[1].split(".")[0]
+        assert hdr(out[0])["code"] == "no_worker" and served == " CartPole-v1"
+
+    def test_status_needs_a_key_and_majordomo_peers_are_refused(self, core):
+        assert b'"error": "auth"' in answer(core, b"remoterl.status", [])[0]
+        assert b'"error": "auth"' in answer(core, b"remoterl.status", [b"nope"])[0]
+        assert send(core, b"m1", [b"MDPW02", b"\x01", b"echo"])[0][1:] == [b"MDPW02", b"\x06"]
+        assert core.mdp_workers == {}
+        send(core, b"m2", [b"MDPC02", b"\x01", b"mmi.service", b"echo"])
+        assert core.counters["malformed"] >= 1 and core.mdp_services == {}
+
+    def test_heartbeat_needs_the_peers_own_key(self, core):
+        send(core, b"wa", ready("key-alpha"))
+        hb = lambda key: [p.worker_frame(W.HEARTBEAT), p.encode_header({"id": b"wa", "key": key})]  # noqa: E731
+        assert hdr(send(core, b"side", hb("key-beta"), now=2.0)[0])["known"] is False
+        assert hdr(send(core, b"side", hb("key-alpha"), now=2.0)[0])["known"] is True
+        core.tick(3.3)  # 2.0 + 3 s window not yet over for the refreshed worker
+        assert b"wa" in core.workers
+
+    def test_slot_limit_per_tenant(self, core):
+        send(core, b"wa", ready("key-alpha", capacity=100))
+        send(core, b"ca", hello("key-alpha"))
+        out = send(core, b"ca", open_(1, n=7))
+        assert hdr(out[0])["code"] == "limit" and "at most 6" in hdr(out[0])["msg"]
+        assert core.slots == {}
+        assert send(core, b"ca", open_(2, n=6))[0][0] == b"wa"
+
+    def test_new_connections_are_rate_limited(self):
+        core = BrokerCore(BrokerConfig(api_keys=dict(KEYS), max_new_peers_per_second=3), now=0.0)
+        codes = [hdr(send(core, bytes([65 + i]), hello("key-alpha"), now=1.0)[0]).get("code") for i in range(5)]
+        assert codes == [None, None, None, "limit", "limit"]
+        assert hdr(send(core, b"late", hello("key-alpha"), now=2.5)[0]).get("code") is None
+
+    def test_keys_never_appear_in_logs_or_status(self, core, caplog):
+        caplog.set_level("DEBUG")
+        send(core, b"wa", ready("key-alpha"))
+        send(core, b"c1", hello("key-beta-wrong"))
+        snap = answer(core, b"remoterl.status", [b"key-alpha"])[0]
+        assert b"key-alpha" not in snap
+        assert "key-alpha" not in caplog.text and "key-beta-wrong" not in caplog.text
+
+    def test_reload_keys(self, core):
+        core.set_api_keys({"fresh": "gamma"})
+        assert hdr(send(core, b"c1", hello("key-alpha"))[0])["code"] == "auth"
+        assert send(core, b"c2", hello("fresh"))[0][1] == p.client_frame(C.WELCOME)
+
+
+@pytest.fixture
+def keys_file(tmp_path):
+    path = tmp_path / "keys.txt"
+    path.write_text("# remoterl keys\nkey-alpha alpha\nkey-beta beta\n")
+    return path
+
+
+def test_cli_keys_end_to_end(procs, broker_url, keys_file):
+    start_broker(procs, broker_url, "--api-keys", str(keys_file))
+    # A worker with a wrong key is refused and exits non-zero with a clear message.
+    bad = procs([*cli("remoterl-worker"), "--broker", broker_url, "--env", "CartPole-v1", "-n", "2",
+                 "--procs", "1", "--api-key", "wrong"])
+    assert bad.wait() != 0
+    assert "API key" in bad.output()
+    alpha = start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "4", "--procs", "1",
+                         "--api-key", "key-alpha", "--name", "alpha-w")
+    beta = start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "4", "--procs", "1",
+                        "--api-key", "key-beta", "--name", "beta-w")
+    wait_for(lambda: len(status_of("key-alpha", broker_url)["workers"]) == 1
+             and len(status_of("key-beta", broker_url)["workers"]) == 1, what="both tenants' workers")
+    with pytest.raises(remoterl.AuthenticationError):
+        remoterl.Client(broker_url, api_key="wrong").connect()
+    with pytest.raises(remoterl.AuthenticationError):
+        fetch_status(broker_url, timeout=T)
+    ids = {name: {w["id"] for w in status_of(key, broker_url)["workers"]}
+           for name, key in (("alpha", "key-alpha"), ("beta", "key-beta"))}
+    for key, tenant in (("key-alpha", "alpha"), ("key-beta", "beta")):
+        with remoterl.Client(broker_url, api_key=key).connect() as client:
+            vec = remoterl.RemoteEnvVec("CartPole-v1", 4, client=client)
+            assert {w.hex() for w in vec.workers} == ids[tenant]
+            vec.reset(seed=0)
+            vec.step(np.zeros(4, np.int64))
+            vec.close()
+    assert status_of("key-alpha", broker_url)["open_slots"] == 0
+    assert alpha.proc.poll() is None and beta.proc.poll() is None
+
+
+def status_of(key, url):
+    return fetch_status(url, timeout=T, api_key=key)
+
+
+def test_sighup_rereads_the_keys(procs, broker_url, keys_file):
+    broker = start_broker(procs, broker_url, "--api-keys", str(keys_file))
+    with pytest.raises(remoterl.AuthenticationError):
+        remoterl.Client(broker_url, api_key="key-new").connect()
+    keys_file.write_text("key-new gamma\n")
+    broker.signal(signal.SIGHUP)
+    client = wait_for(lambda: _try_connect(broker_url, "key-new"), what="the new key accepted")
+    client.close()
+
+
+def _try_connect(url, key):
+    try:
+        return remoterl.Client(url, api_key=key, connect_timeout=T).connect()
+    except remoterl.AuthenticationError:
+        return None
+
+
+def test_open_mode_refuses_non_loopback_bind():
+    out = subprocess.run([*cli("remoterl-broker"), "--bind", "tcp://0.0.0.0:0"], capture_output=True, text=True,
+                         timeout=T)
+    assert out.returncode != 0 and "--api-keys" in out.stderr and "--insecure" in out.stderr
+
+
+def test_curve_encrypts_tcp(procs, broker_url, tmp_path):
+    out = subprocess.run([*cli("remoterl"), "keygen", str(tmp_path)], capture_output=True, text=True, timeout=T)
+    assert out.returncode == 0, out.stderr
+    public, secret = tmp_path / "broker.key", tmp_path / "broker.key_secret"
+    assert public.exists() and secret.exists() and (secret.stat().st_mode & 0o077) == 0
+    procs([*cli("remoterl-broker"), "--bind", broker_url, "--heartbeat", "0.2", "--curve-secret", str(secret)])
+    wait_for(lambda: _curve_status(broker_url, str(public)), what="CURVE broker answering")
+    start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "2", "--procs", "1",
+                 "--curve-serverkey", str(public))
+    wait_for(lambda: len(_curve_status(broker_url, str(public))["workers"]) == 1, what="CURVE worker")
+    with remoterl.Client(broker_url, curve_serverkey=str(public)).connect() as client:
+        vec = remoterl.RemoteEnvVec("CartPole-v1", 2, client=client)
+        vec.reset(seed=1)
+        assert vec.step(np.ones(2, np.int64))[0].shape == (2, 4)
+        vec.close()
+    # Without the broker's public key nothing gets through (the handshake never completes).
+    with pytest.raises(remoterl.BrokerUnavailableError):
+        remoterl.Client(broker_url, connect_timeout=1.0).connect()
+
+
+def _curve_status(url, public):
+    try:
+        return fetch_status(url, timeout=1.0, curve_serverkey=public)
+    except remoterl.BrokerUnavailableError:
+        return None
