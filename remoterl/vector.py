@@ -59,6 +59,8 @@ class RemoteEnvVec(VectorEnv):
                  timeout: float | None = None, **kwargs: Any) -> None:
         from remoterl.lifecycle import get_client
 
+        # Until the slots are open there is nothing to close (VectorEnv.__del__ checks this).
+        self.closed = True
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.autoreset_mode = AutoresetMode(autoreset_mode)
@@ -67,8 +69,8 @@ class RemoteEnvVec(VectorEnv):
         self._timeout = timeout
         self._state = AsyncState.DEFAULT
         self._pending: list = []
-        self.closed = False
         opened = self._client.open(env_id, num_envs, kwargs, max_workers=max_workers, timeout=timeout)
+        self.closed = False
         by_worker: dict[bytes, list[int]] = {}
         for slot, worker in zip(opened.slots, opened.workers):
             by_worker.setdefault(worker, []).append(slot)

@@ -6,6 +6,7 @@ Every wait is bounded by a multiple of ``T`` (seconds), scaled by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -97,9 +98,10 @@ def cli(name: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-@pytest.fixture
-def procs():
-    """Start CLI processes; all are stopped (SIGTERM, then SIGKILL) at teardown."""
+@contextlib.contextmanager
+def process_group():
+    """Yield ``start(args, env=None) -> Proc``; every process started is stopped on exit
+    (SIGTERM, then SIGKILL). For module-scoped fixtures; tests use ``procs``."""
     started: list[Proc] = []
 
     def start(args: list[str], env: dict | None = None) -> Proc:
@@ -107,9 +109,18 @@ def procs():
         started.append(proc)
         return proc
 
-    yield start
-    for proc in started:
-        proc.stop()
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture
+def procs():
+    """Start CLI processes; all are stopped (SIGTERM, then SIGKILL) at teardown."""
+    with process_group() as start:
+        yield start
 
 
 @pytest.fixture

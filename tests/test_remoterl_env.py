@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gymnasium
-from conftest import Proc, free_url, start_broker, start_worker, status, wait_for
+from conftest import process_group, free_url, start_broker, start_worker, status, wait_for
 from gymnasium.utils.env_checker import check_env, data_equivalence
 from gymnasium.wrappers import NormalizeObservation, RecordEpisodeStatistics, TimeLimit
 
@@ -24,23 +24,15 @@ SERVED = ["CartPole-v1", "Pendulum-v1"]
 
 @pytest.fixture(scope="module")
 def url():
-    started: list[Proc] = []
-
-    def start(args, env=None):
-        proc = Proc(args, env)
-        started.append(proc)
-        return proc
-
     broker_url = free_url()
-    try:
-        start_broker(start, broker_url)
-        start_worker(start, broker_url, "--env", SERVED[0], "--env", SERVED[1], "-n", "8", "--procs", "1",
-                     expect=1)
-        yield broker_url
-    finally:
-        remoterl.shutdown()  # closes this process's cached client for broker_url
-        for proc in started:
-            proc.stop()
+    with process_group() as start:
+        try:
+            start_broker(start, broker_url)
+            start_worker(start, broker_url, "--env", SERVED[0], "--env", SERVED[1], "-n", "8", "--procs", "1",
+                         expect=1)
+            yield broker_url
+        finally:
+            remoterl.shutdown()  # closes this process's cached client for broker_url
 
 
 @pytest.fixture

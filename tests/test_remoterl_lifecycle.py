@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 import gymnasium
-from conftest import TEST_ENV, Proc, T, free_url, start_broker, start_worker, status, wait_for
+from conftest import process_group, TEST_ENV, T, free_url, start_broker, start_worker, status, wait_for
 from gymnasium.envs import registration
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import RecordEpisodeStatistics
@@ -59,21 +59,11 @@ def shut_down(monkeypatch):
 @pytest.fixture(scope="module")
 def url():
     """A CLI broker and one worker serving every registered env id, for the whole module."""
-    started: list[Proc] = []
-
-    def start(args, env=None):
-        proc = Proc(args, env)
-        started.append(proc)
-        return proc
-
     broker_url = free_url()
-    try:
+    with process_group() as start:
         start_broker(start, broker_url)
         start_worker(start, broker_url, "-n", "32", "--procs", "1", expect=1)
         yield broker_url
-    finally:
-        for proc in started:
-            proc.stop()
 
 
 def wrapper_chain(env) -> list[type]:

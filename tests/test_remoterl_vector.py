@@ -16,7 +16,7 @@ import pytest
 
 import gymnasium
 import remoterl_test_envs  # noqa: F401  (registers DictObsEnv-v0 and RaisingEnv-v0 here too)
-from conftest import Proc, T, free_url, start_broker, start_worker, status, wait_for
+from conftest import process_group, T, free_url, start_broker, start_worker, status, wait_for
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
@@ -34,25 +34,17 @@ ENV_KWARGS = {"Pendulum-v1": {"max_episode_steps": 50}}
 @pytest.fixture(scope="module")
 def url():
     """A broker and two workers (16 slots each) serving SERVED, for the whole module."""
-    started: list[Proc] = []
-
-    def start(args, env=None):
-        proc = Proc(args, env)
-        started.append(proc)
-        return proc
-
     broker_url = free_url()
-    try:
-        start_broker(start, broker_url)
-        env_args = [arg for env_id in SERVED for arg in ("--env", env_id)]
-        for i in range(2):
-            start_worker(start, broker_url, "--import", "remoterl_test_envs", *env_args, "-n", "16",
-                         "--procs", "1", "--name", f"w{i}", expect=i + 1)
-        yield broker_url
-    finally:
-        remoterl.shutdown()  # closes this process's cached client for broker_url
-        for proc in started:
-            proc.stop()
+    with process_group() as start:
+        try:
+            start_broker(start, broker_url)
+            env_args = [arg for env_id in SERVED for arg in ("--env", env_id)]
+            for i in range(2):
+                start_worker(start, broker_url, "--import", "remoterl_test_envs", *env_args, "-n", "16",
+                             "--procs", "1", "--name", f"w{i}", expect=i + 1)
+            yield broker_url
+        finally:
+            remoterl.shutdown()  # closes this process's cached client for broker_url
 
 
 @pytest.fixture
