@@ -5,7 +5,9 @@ broker's URL) and ``REMOTERL_API_KEY``. With no broker URL anywhere, ``init`` st
 the embedded default (a private broker and local workers, see ``remoterl.embedded``).
 
 With ``role="trainer"`` (the default) ``init`` patches gymnasium so that ``make`` and
-``make_vec`` return remote proxies; ``shutdown`` restores the originals, closes the
+``make_vec`` return remote proxies, and, once they are imported, Stable-Baselines3's
+``make_vec_env`` and RLlib's ``AlgorithmConfig.environment``/``build_algo`` (see
+``remoterl.integrations``); ``shutdown`` restores the originals, closes the
 process's clients and stops the embedded processes. It also runs at interpreter exit.
 Calling ``init`` twice, or ``shutdown`` without ``init``, is harmless.
 
@@ -16,6 +18,7 @@ registered in it, until interrupted.
 from __future__ import annotations
 
 import atexit
+import importlib
 import importlib.abc
 import importlib.util
 import logging
@@ -121,7 +124,7 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
             from remoterl.integrations import gymnasium as gym_patch
 
             gym_patch.patch()
-            _patch_sb3_when_imported()
+            _patch_frameworks_when_imported()
             _settings.patched = True
         return _settings
 
@@ -135,7 +138,7 @@ def shutdown() -> None:
             from remoterl.integrations import gymnasium as gym_patch
 
             gym_patch.unpatch()
-            _unpatch_sb3()
+            _unpatch_frameworks()
         pid = os.getpid()
         for key in [k for k in _clients if k[0] == pid]:
             client = _clients.pop(key)
@@ -174,17 +177,19 @@ def get_client(broker: str | None = None) -> Any:
         return client
 
 
-class _SB3Hook(importlib.abc.MetaPathFinder):
-    """Patches Stable-Baselines3 right after ``stable_baselines3.common.env_util`` loads,
-    so ``import remoterl`` and ``init()`` never import SB3 (and torch) themselves."""
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a framework's patch right after module ``target`` loads, so ``import remoterl``
+    and ``init()`` never import the framework (SB3 and torch, Ray) themselves."""
 
-    _target = "stable_baselines3.common.env_util"
+    def __init__(self, target: str, integration: str) -> None:
+        self.target = target
+        self.integration = integration  # a remoterl.integrations module with patch()/unpatch()
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != self._target:
+        if name != self.target:
             return None
         for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
+            if isinstance(finder, _AfterImport) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(name, path, target)
             if spec is not None and spec.loader is not None:
@@ -192,45 +197,47 @@ class _SB3Hook(importlib.abc.MetaPathFinder):
 
                 def exec_module(module: Any) -> None:
                     loader_exec(module)
-                    _remove_sb3_hook()
+                    _remove_hook(self.integration)
                     if _settings is not None and _settings.patched:
-                        from remoterl.integrations import sb3
-
-                        sb3.patch()
+                        importlib.import_module(self.integration).patch()
 
                 spec.loader.exec_module = exec_module  # type: ignore[method-assign]
                 return spec
         return None
 
 
-_sb3_hook: _SB3Hook | None = None
+# integration module -> (the module whose import triggers its patch, the distribution to look for).
+# RLlib: after the ray.rllib package has run its __init__, its submodules import safely.
+_HOOKED = {
+    "remoterl.integrations.sb3": ("stable_baselines3.common.env_util", "stable_baselines3"),
+    "remoterl.integrations.rllib": ("ray.rllib", "ray"),
+}
+_hooks: dict[str, _AfterImport] = {}
 
 
-def _patch_sb3_when_imported() -> None:
-    global _sb3_hook
-    if _SB3Hook._target in sys.modules:
-        from remoterl.integrations import sb3
-
-        sb3.patch()
-    elif _sb3_hook is None and importlib.util.find_spec("stable_baselines3") is not None:
-        _sb3_hook = _SB3Hook()
-        sys.meta_path.insert(0, _sb3_hook)
+def _patch_frameworks_when_imported() -> None:
+    for integration, (target, top) in _HOOKED.items():
+        if target in sys.modules:
+            importlib.import_module(integration).patch()
+        elif integration not in _hooks and importlib.util.find_spec(top) is not None:
+            _hooks[integration] = _AfterImport(target, integration)
+            sys.meta_path.insert(0, _hooks[integration])
 
 
-def _remove_sb3_hook() -> None:
-    global _sb3_hook
-    if _sb3_hook is not None:
+def _remove_hook(integration: str) -> None:
+    hook = _hooks.pop(integration, None)
+    if hook is not None:
         try:
-            sys.meta_path.remove(_sb3_hook)
+            sys.meta_path.remove(hook)
         except ValueError:
             pass
-        _sb3_hook = None
 
 
-def _unpatch_sb3() -> None:
-    _remove_sb3_hook()
-    if "remoterl.integrations.sb3" in sys.modules:
-        sys.modules["remoterl.integrations.sb3"].unpatch()
+def _unpatch_frameworks() -> None:
+    for integration in _HOOKED:
+        _remove_hook(integration)
+        if integration in sys.modules:
+            sys.modules[integration].unpatch()
 
 
 def _registering_modules() -> list[str]:
