@@ -91,6 +91,27 @@ def status(broker: str, as_json: bool, timeout: float, api_key: str | None) -> N
     click.echo(_table(srows, ["SERVICE", "KIND", "WORKERS", "FREE SLOTS / QUEUED"]) if srows else "no services")
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the benchmark suite (bench/run.py of a source checkout); `remoterl bench --help` lists its options."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    if not path.is_file():
+        raise click.ClickException(
+            f"the benchmark suite is not part of the installed package: it is bench/run.py in a source "
+            f"checkout of remoterl (looked for {path}); install with `pip install -e .` from a checkout")
+    spec = importlib.util.spec_from_file_location("remoterl_bench_run", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.exit(module.main(list(args), prog="remoterl bench"))
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 def keygen(directory: str) -> None:
