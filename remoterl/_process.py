@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "keep_signals_for_main_thread"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -32,3 +32,14 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGTERM) ->
             pass
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(0)  # the parent died before we could arm the signal
+
+
+def keep_signals_for_main_thread() -> None:
+    """Call at the start of a helper thread: SIGINT/SIGTERM then go to the main thread.
+
+    The kernel delivers a process signal to any thread that does not block it. If a
+    heartbeat thread takes it, the main thread sleeping in a zmq call is not interrupted
+    and runs the Python handler only when that call times out (a whole heartbeat later).
+    """
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})

@@ -29,6 +29,7 @@ import zmq
 from remoterl import codec
 from remoterl._zmqio import recv_frames, send_frames
 from remoterl import protocol as p
+from remoterl._process import keep_signals_for_main_thread
 from remoterl.client import ClientCore, Pending
 from remoterl.errors import (
     BrokerUnavailableError,
@@ -333,6 +334,7 @@ class Client:
 
     def _heartbeat_loop(self) -> None:
         """Ping the broker; notice when it goes silent or forgets this session."""
+        keep_signals_for_main_thread()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         apply_curve_client(sock, self._curve)
@@ -348,8 +350,9 @@ class Client:
                 sock.send_multipart([frame, ping])
                 deadline = time.monotonic() + self.heartbeat
                 while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
-                    if not sock.poll(remaining * 1000):
-                        break
+                    # Short slices: a stop request is noticed within 0.1 s.
+                    if not sock.poll(min(remaining, 0.1) * 1000):
+                        continue  # the loop condition re-checks the stop flag and the deadline
                     pong = p.decode_header(sock.recv_multipart()[1])
                     last_pong = time.monotonic()
                     if not pong.get("known", True):

@@ -22,6 +22,7 @@ import time
 import zmq
 
 from remoterl import protocol as p
+from remoterl._process import keep_signals_for_main_thread
 from remoterl._zmqio import recv_frames, send_frames
 from remoterl.errors import error_from_wire
 from remoterl.security import apply_curve_client, curve_serverkey_from_env
@@ -213,6 +214,7 @@ class WorkerLoop:
 
     def _heartbeat_loop(self) -> None:
         """Ping the broker on a side socket; flag a reconnect when it is lost or forgot us."""
+        keep_signals_for_main_thread()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         apply_curve_client(sock, self._curve)
@@ -231,8 +233,9 @@ class WorkerLoop:
                 sock.send_multipart([frame, p.encode_header(ping)])
                 deadline = sent + self.heartbeat
                 while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
-                    if not sock.poll(remaining * 1000):
-                        break
+                    # Short slices: a stop request is noticed within 0.1 s.
+                    if not sock.poll(min(remaining, 0.1) * 1000):
+                        continue  # the loop condition re-checks the stop flag and the deadline
                     pong = p.decode_header(sock.recv_multipart()[1])
                     if pong.get("id", identity) != self.identity:
                         continue  # a pong for an identity we no longer use

@@ -58,6 +58,9 @@ __all__ = ["AUTORESET_MODES", "SlotHost"]
 
 log = logging.getLogger(__name__)
 
+_ARRAY_SPACES = (gymnasium.spaces.Box, gymnasium.spaces.Discrete, gymnasium.spaces.MultiDiscrete,
+                 gymnasium.spaces.MultiBinary)
+
 # Autoreset modes on the wire ("m" in a step call), named as in gymnasium.vector.AutoresetMode.
 AUTORESET_MODES = {0: "next_step", 1: "same_step", 2: "disabled"}
 _NEXT_STEP, _SAME_STEP, _DISABLED = 0, 1, 2
@@ -323,6 +326,10 @@ class SlotHost:
 
     def _stack(self, slots: list[_Slot], obs_list: list) -> Any:
         space = self._single_space(slots[0])
+        if type(space) in _ARRAY_SPACES:
+            # What gymnasium's concatenate does for these spaces (np.stack into an array of the
+            # space's dtype), without its generic dispatch: a quarter of a small call's cost.
+            return np.stack(obs_list).astype(space.dtype, copy=False)
         out = create_empty_array(space, len(obs_list))
         return concatenate(space, obs_list, out)
 
