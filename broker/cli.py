@@ -6,7 +6,9 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import sys
+import uuid
 from urllib.parse import urlsplit
 
 import click
@@ -48,14 +50,21 @@ def is_loopback(endpoint: str) -> bool:
 @click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False),
               help="Encrypt tcp with ZeroMQ CURVE using this .key_secret file (`remoterl keygen`); "
                    "trainers and workers need the matching public key.")
+@click.option("--ws", default=None, metavar="HOST:PORT",
+              help="Also serve WebSocket peers on HOST:PORT (ws://, or wss:// with --tls-cert/--tls-key), "
+                   "e.g. 0.0.0.0:8765.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM certificate chain for wss://.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM private key of --tls-cert.")
 @click.option("--max-slots-per-tenant", type=click.IntRange(min=1), default=None,
               help="Open slots one tenant may hold at once. [default: no limit]")
 @click.option("--max-new-connections", type=click.FloatRange(min=1), default=200.0,
               help="New trainer/worker sessions accepted per second.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
 def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_keys: str | None,
-         insecure: bool, curve_secret: str | None, max_slots_per_tenant: int | None,
-         max_new_connections: float, verbose: int) -> None:
+         insecure: bool, curve_secret: str | None, ws: str | None, tls_cert: str | None, tls_key: str | None,
+         max_slots_per_tenant: int | None, max_new_connections: float, verbose: int) -> None:
     """Route trainers' environment calls to simulator workers.
 
     Start it, then start workers and trainers against its address:
@@ -84,14 +93,36 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_
         raise click.ClickException(
             f"refusing to bind {bind} without API keys: anyone who can reach it could use your workers. "
             f"Give --api-keys FILE (lines 'KEY TENANT'), or --insecure if the network is private.")
+    if ws and not keys and not insecure and not is_loopback(f"ws://{ws}"):
+        raise click.ClickException(f"refusing to serve WebSocket on {ws} without API keys; "
+                                   f"give --api-keys FILE, or --insecure")
+    if (tls_cert or tls_key) and not (ws and tls_cert and tls_key):
+        raise click.ClickException("--tls-cert and --tls-key go together, with --ws")
     config = BrokerConfig(heartbeat=heartbeat, liveness=liveness, max_message_size=max_message_size,
                           api_keys=keys, max_slots_per_tenant=max_slots_per_tenant,
                           max_new_peers_per_second=max_new_connections)
-    broker = Broker(bind, config, curve_secret=curve_secret)
+    # The WebSocket bridge reaches the broker's one ROUTER socket over inproc.
+    ws_inproc = f"inproc://remoterl-bridge-{uuid.uuid4().hex}" if ws else None
+    broker = Broker(bind, config, curve_secret=curve_secret, also=(ws_inproc,) if ws_inproc else ())
     try:
         url = broker.bind()
     except Exception as exc:  # zmq.ZMQError: address in use, bad endpoint...
         raise click.ClickException(f"cannot bind {bind}: {exc}") from exc
+    bridge = None
+    if ws:
+        from remoterl.broker.bridge import WsBridge
+
+        host, _, port = ws.rpartition(":")
+        try:
+            tls = None
+            if tls_cert:
+                tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                tls.load_cert_chain(tls_cert, tls_key)
+            bridge = WsBridge(host.strip("[]") or "0.0.0.0", int(port), ws_inproc, ssl_context=tls,
+                              max_message_size=max_message_size)
+            click.echo(f"remoterl broker WebSocket bridge on {bridge.start()}", err=True)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise click.ClickException(f"cannot serve WebSocket on {ws}: {exc}") from exc
 
     def _stop(signum: int, _frame: object) -> None:
         broker.stop(join=False)
@@ -113,6 +144,8 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_
                f"{'; CURVE' if curve_secret else ''})", err=True)
     sys.stderr.flush()
     broker.run()
+    if bridge is not None:
+        bridge.stop()  # after the broker, so its DISCONNECTs still reach WebSocket workers
     click.echo("remoterl broker stopped", err=True)
 
 

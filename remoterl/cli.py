@@ -32,7 +32,9 @@ def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
     sock.setsockopt(zmq.LINGER, 0)
     apply_curve_client(sock, curve_serverkey or curve_serverkey_from_env())
     try:
-        sock.connect(url)
+        from remoterl.wsgateway import resolve_endpoint
+
+        sock.connect(resolve_endpoint(url))
         sock.send_multipart([b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])])
         if not sock.poll(timeout * 1000):
             raise BrokerUnavailableError(

@@ -147,6 +147,8 @@ def shutdown() -> None:
             except Exception:  # shutting down: keep going
                 log.exception("closing a client failed")
         _clients.clear()
+        if "remoterl.wsgateway" in sys.modules:
+            sys.modules["remoterl.wsgateway"].close_gateways()
         if current is not None and current.embedded is not None:
             current.embedded.stop()
 

@@ -41,6 +41,7 @@ from remoterl.errors import (
 )
 from remoterl.protocol import ClientCommand as C
 from remoterl.security import apply_curve_client, curve_serverkey_from_env
+from remoterl.wsgateway import resolve_endpoint
 
 __all__ = ["Client", "Opened"]
 
@@ -97,6 +98,7 @@ class Client:
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._endpoint = url
 
     # --- session --------------------------------------------------------------------------------
 
@@ -114,8 +116,10 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 10_000)
         apply_curve_client(sock, self._curve)
         try:
-            sock.connect(self.url)
-        except zmq.ZMQError as exc:
+            # ws:// and wss:// go through this process's WebSocket gateway (an inproc endpoint).
+            self._endpoint = resolve_endpoint(self.url, context=self._ctx)
+            sock.connect(self._endpoint)
+        except (zmq.ZMQError, ValueError) as exc:
             sock.close()
             raise BrokerUnavailableError(f"invalid broker URL {self.url!r}: {exc}") from exc
         self._sock = sock
@@ -338,7 +342,7 @@ class Client:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         apply_curve_client(sock, self._curve)
-        sock.connect(self.url)
+        sock.connect(self._endpoint)
         frame = p.client_frame(C.HEARTBEAT)
         ping_header = {"id": self.identity}
         if self._api_key:

@@ -26,6 +26,7 @@ from remoterl._process import keep_signals_for_main_thread
 from remoterl._zmqio import recv_frames, send_frames
 from remoterl.errors import error_from_wire
 from remoterl.security import apply_curve_client, curve_serverkey_from_env
+from remoterl.wsgateway import resolve_endpoint
 from remoterl.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
 
@@ -66,6 +67,7 @@ class WorkerLoop:
         self.registered = threading.Event()
         self._stopping = False
         self._in_poll = False
+        self._run_thread: threading.Thread | None = None
         self._reconnect = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._api_key = api_key
@@ -75,9 +77,10 @@ class WorkerLoop:
     # --- control -------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Finish the call in flight, then DISCONNECT and close (safe from signal handlers)."""
+        """Finish the call in flight, then DISCONNECT and close (safe from signal handlers and threads)."""
         self._stopping = True
-        if self._in_poll and threading.current_thread() is threading.main_thread():
+        # From a signal handler interrupting run()'s own thread while it sleeps in recv: leave now.
+        if self._in_poll and threading.current_thread() is self._run_thread:
             raise _Stop
 
     def run(self) -> None:
@@ -86,6 +89,7 @@ class WorkerLoop:
         Raises:
             AuthenticationError, LimitExceededError: the broker refused this worker.
         """
+        self._run_thread = threading.current_thread()
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="remoterl-worker-heartbeat", daemon=True)
         self._hb_thread.start()
         try:
@@ -112,7 +116,7 @@ class WorkerLoop:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         apply_curve_client(sock, self._curve)
-        sock.connect(self.url)
+        sock.connect(resolve_endpoint(self.url, context=self._ctx))  # ws(s):// via the gateway
         self._sock = sock
         ready_header = {
             "v": p.PROTOCOL_VERSION, "envs": self.host.served(), "capacity": self.host.capacity,
@@ -218,7 +222,7 @@ class WorkerLoop:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         apply_curve_client(sock, self._curve)
-        sock.connect(self.url)
+        sock.connect(resolve_endpoint(self.url, context=self._ctx))  # ws(s):// via the gateway
         frame = p.worker_frame(W.HEARTBEAT)
         self._last_pong = time.monotonic()
         try:
