@@ -282,32 +282,44 @@ class SlotHost:
             raise ProtocolError(f"got {len(actions)} actions for {len(slots)} slots")
         k = len(slots)
         obs_list: list = [None] * k
-        rewards = np.zeros(k, dtype=np.float64)
-        terminated = np.zeros(k, dtype=np.bool_)
-        truncated = np.zeros(k, dtype=np.bool_)
         infos: list = [None] * k
+        # Plain lists in the loop (numpy element access costs ~0.1 us a time, several times per
+        # env); converted once at the end, with SyncVectorEnv's dtypes (float64, bool).
+        rewards: list = [0.0] * k
+        terminated: list = [False] * k
+        truncated: list = [False] * k
         final: list = []
-        for i, (slot, action) in enumerate(zip(slots, actions)):
-            env = slot.env
-            try:
-                if mode == _NEXT_STEP and slot.autoreset:
-                    obs_list[i], infos[i] = env.reset()
-                    self.stats["resets"] += 1
-                else:
-                    if mode == _DISABLED and slot.autoreset:
-                        raise AssertionError(
-                            f"slot {slot.id} ended and was not reset (autoreset mode DISABLED)")
-                    obs_list[i], rewards[i], terminated[i], truncated[i], infos[i] = env.step(action)
-                    self.stats["steps"] += 1
-                    if mode == _SAME_STEP and (terminated[i] or truncated[i]):
-                        final.append([i, obs_list[i], infos[i]])
+        steps = resets = 0
+        try:
+            for i, (slot, action) in enumerate(zip(slots, actions)):
+                env = slot.env
+                done = False
+                try:
+                    if slot.autoreset and mode == _NEXT_STEP:
                         obs_list[i], infos[i] = env.reset()
-                        self.stats["resets"] += 1
-            except Exception as exc:
-                raise _EnvFailure(_env_error(exc, f"step failed in slot {slot.id}", slot.id)) from exc
-            slot.autoreset = bool(terminated[i] or truncated[i])
-        reply = {"obs": self._stack(slots, obs_list), "rew": rewards, "term": terminated,
-                 "trunc": truncated, "infos": infos}
+                        resets += 1
+                    else:
+                        if slot.autoreset and mode == _DISABLED:
+                            raise AssertionError(
+                                f"slot {slot.id} ended and was not reset (autoreset mode DISABLED)")
+                        obs, rewards[i], term, trunc, info = env.step(action)
+                        steps += 1
+                        terminated[i], truncated[i] = term, trunc
+                        done = bool(term) or bool(trunc)
+                        if done and mode == _SAME_STEP:
+                            final.append([i, obs, info])
+                            obs, info = env.reset()
+                            resets += 1
+                        obs_list[i], infos[i] = obs, info
+                except Exception as exc:
+                    raise _EnvFailure(_env_error(exc, f"step failed in slot {slot.id}", slot.id)) from exc
+                slot.autoreset = done
+        finally:
+            self.stats["steps"] += steps
+            self.stats["resets"] += resets
+        reply = {"obs": self._stack(slots, obs_list), "rew": np.array(rewards, dtype=np.float64),
+                 "term": np.array(terminated, dtype=np.bool_), "trunc": np.array(truncated, dtype=np.bool_),
+                 "infos": infos}
         if final:
             reply["final"] = final
         return reply
