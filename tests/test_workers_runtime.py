@@ -19,6 +19,7 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 
 import remoterl.env
 from remoterl import codec
+from remoterl_test_envs import RaisingEnv  # the same env the worker-process tests use
 from remoterl.spaces import space_from_wire
 from remoterl.workers.runtime import AUTORESET_MODES, SlotHost
 
@@ -33,29 +34,6 @@ WIRE_MODE = {AutoresetMode[name.upper()]: code for code, name in AUTORESET_MODES
 
 # ----------------------------------------------------------------------------
 # Test envs (built through SlotHost's ``make=`` hook; the global registry is left alone)
-
-
-def _explode_in_simulator() -> None:
-    raise ValueError("boom from the simulator")
-
-
-class RaisingEnv(gymnasium.Env):
-    """Steps fine with action 0; action 1 raises inside ``_explode_in_simulator``."""
-
-    metadata = {"render_modes": []}
-
-    def __init__(self) -> None:
-        self.observation_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self.action_space = spaces.Discrete(2)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return np.zeros(2, np.float32), {}
-
-    def step(self, action):
-        if int(action) == 1:
-            _explode_in_simulator()
-        return np.ones(2, np.float32), 1.0, False, False, {"ok": True}
 
 
 class SetInfoEnv(RaisingEnv):
@@ -450,7 +428,7 @@ def test_env_error_carries_the_traceback_and_the_host_keeps_serving():
     assert "boom from the simulator" in error["msg"]
     assert error["type"] == "ValueError"
     assert error["slot"] == 2
-    assert "_explode_in_simulator" in error["tb"]
+    assert "explode_on_purpose" in error["tb"]
     assert "Traceback" in error["tb"]
     assert host.stats["errors"] == 1
     assert sorted(host.slots) == SLOTS
