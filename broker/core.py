@@ -555,11 +555,9 @@ class BrokerCore:
                 f"Start one with: remoterl-worker --env {env} --broker URL")
 
     def _on_opened(self, sender: bytes, frames: list, now: float, role: str) -> None:
-        worker = self.workers.get(sender)
+        worker = self._known_worker(sender, "OPENED", now)
         if worker is None:
-            self._unknown_worker(sender, "OPENED")
             return
-        worker.last_seen = now
         header = _header(frames, 2)
         r = header.get("r")
         pending = self.pending_opens.get(r) if isinstance(r, int) else None
@@ -689,11 +687,9 @@ class BrokerCore:
             self._finish_register(register_r, pending)
 
     def _on_registered(self, sender: bytes, frames: list, now: float, role: str) -> None:
-        worker = self.workers.get(sender)
+        worker = self._known_worker(sender, "REGISTERED", now)
         if worker is None:
-            self._unknown_worker(sender, "REGISTERED")
             return
-        worker.last_seen = now
         header = _header(frames, 1)
         env, ok, msg, r = header.get("id"), header.get("ok"), header.get("msg"), header.get("r")
         if not isinstance(env, str) or (worker.tenant, env) not in self.registrations:
@@ -727,6 +723,15 @@ class BrokerCore:
         if worker is not None:
             log.info("worker %s disconnected", _name(sender, worker.info))
             self._purge_worker(worker, "disconnected")
+
+    def _known_worker(self, sender: bytes, what: str, now: float) -> RLWorker | None:
+        """The registered worker that sent ``what`` (refreshed), or None after telling it to re-register."""
+        worker = self.workers.get(sender)
+        if worker is None:
+            self._unknown_worker(sender, what)
+            return None
+        worker.last_seen = now
+        return worker
 
     def _unknown_worker(self, sender: bytes, what: str) -> None:
         # RFC 7: a message from an unregistered worker gets DISCONNECT, which makes it re-register.
