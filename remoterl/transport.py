@@ -359,7 +359,8 @@ class Client:
                         continue  # the loop condition re-checks the stop flag and the deadline
                     pong = p.decode_header(sock.recv_multipart()[1])
                     last_pong = time.monotonic()
-                    if not pong.get("known", True):
+                    if not pong.get("known", True) and not self._hb_stop.is_set():
+                        # (While closing, our own DISCONNECT may already have ended the session.)
                         self._lost = (f"the broker at {self.url} no longer knows this client "
                                       f"(it restarted, or expired the session); its slots are gone")
                 if self._lost is None and time.monotonic() - last_pong > self.heartbeat * self.liveness:
