@@ -6,13 +6,14 @@ ratio, the target from issue 5 and whether it was met.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from measure import (IMAGE_ID, SLOW_ID, Figure, Session, closing, compare_latencies, compare_rates,
+from measure import (IMAGE_ID, SLOW_ID, BridgedBroker, Figure, Session, closing, compare_latencies, compare_rates,
                      env_step_timer, local_vector, median, plural, vector_stepper)
 from scale import case_scale
 
@@ -197,16 +198,104 @@ def case_bigobs(session: Session, note: Callable[[str], None]) -> Iterator[Figur
                          extra=extra)
 
 
-# --- 5, 6. not built yet --------------------------------------------------------------------------------------
+# --- 5. WebSocket vs tcp ---------------------------------------------------------------------------------
 
 def case_ws(session: Session, note: Callable[[str], None]) -> Iterator[Figure]:
-    yield Figure("ws", "RemoteEnvVec(8) over ws:// vs tcp://", target=">= 0.6",
-                 na="n/a: WebSocket bridge not built yet")
+    from remoterl import Client, RemoteEnvVec
+    from remoterl.wsgateway import close_gateways
+
+    opts = session.options
+    n, env_id = 8, "CartPole-v1"
+    name = f"RemoteEnvVec({n}) over ws:// (bridge), 1 worker"
+    if session.external:
+        yield Figure("ws", name, target=">= 0.6",
+                     na="n/a: --broker given (this case starts its own broker with a WebSocket bridge)")
+        return
+    # One broker process serving both transports, one worker: the tcp and ws proxies share
+    # the broker and the worker, so only the trainer's hop differs.
+    note("start: broker process with a WebSocket bridge, 1 worker")
+    bridged = BridgedBroker(slots=2 * n)
+    try:
+        bridged.start()
+        with contextlib.ExitStack() as stack:
+            stack.callback(close_gateways)  # the trainer side's ws gateway thread (after the clients)
+            calls = {}
+            for transport, url in (("tcp", bridged.tcp_url), ("ws", bridged.ws_url)):
+                client = Client(url, name=f"bench-{transport}").connect()
+                stack.callback(client.close)
+                envs = closing(stack, RemoteEnvVec(env_id, n, client=client, max_workers=1))
+                calls[transport] = vector_stepper(envs)
+            note(f"RemoteEnvVec({n}) over tcp:// and ws://, interleaved")
+            rates = compare_rates(calls, opts.duration, opts.warmup, opts.rounds)
+    finally:
+        session.stop_later(bridged.stop)
+    yield Figure("ws", name, median(rates["ws"]) * n, "env-steps/s",
+                 f"RemoteEnvVec({n}) over tcp://, same broker and worker", median(rates["tcp"]) * n, ">= 0.6",
+                 extra={"env": env_id, "num_envs": n, "turns": {"remote": rates["ws"], "local": rates["tcp"]}})
+
+
+# --- 6. SB3 PPO training ------------------------------------------------------------------------------------
+
+def _local_make() -> Callable[..., Any]:
+    """gymnasium's own ``make``, even where ``remoterl.init()`` has patched it (the bench never calls it)."""
+    import gymnasium
+
+    from remoterl.integrations import gymnasium as patches
+
+    return patches._originals.get("gym_make", gymnasium.make)
 
 
 def case_sb3(session: Session, note: Callable[[str], None]) -> Iterator[Figure]:
-    yield Figure("sb3", "SB3 PPO CartPole-v1, 8 envs: wall time vs DummyVecEnv", target="<= 1.25",
-                 na="n/a: SB3 integration not built yet")
+    n, env_id, seed = 8, "CartPole-v1", 0
+    timesteps = 2_000 if session.options.quick else 20_000
+    name = f"SB3 PPO {env_id} wall time, {timesteps:,} steps, RemoteVecEnv({n})"
+    try:
+        note("import: stable_baselines3, torch")
+        import torch
+        from stable_baselines3 import PPO
+        from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
+
+        from remoterl.sb3 import RemoteVecEnv
+    except ImportError:
+        yield Figure("sb3", name, target="<= 1.25", na="n/a: pip install remoterl[sb3]")
+        return
+    from remoterl.demo import PPO_KWARGS
+
+    opts = session.options
+    torch.set_num_threads(1)  # a tiny MLP: threads only add contention on a small machine (as the demo)
+    make = _local_make()
+    client = session.client(session.broker(opts.workers))
+    clock = time.perf_counter
+
+    def train(venv: Any, steps: int) -> tuple[float, list[float]]:
+        """Seconds ``PPO.learn(steps)`` takes from a fresh model (same seed: same trajectories
+        on both sides), and the returns of its last episodes."""
+        model = PPO("MlpPolicy", venv, seed=seed, verbose=0, device="cpu", **PPO_KWARGS)
+        start = clock()
+        model.learn(total_timesteps=steps)
+        seconds = clock() - start
+        return seconds, [float(e["r"]) for e in model.ep_info_buffer]
+
+    with contextlib.ExitStack() as stack:
+        note(f"start: RemoteVecEnv({n}), DummyVecEnv({n})")
+        remote = RemoteVecEnv(env_id, n, client=client, max_workers=1)
+        envs = {"remote": closing(stack, VecMonitor(remote)),  # VecMonitor.close closes remote
+                "local": closing(stack, VecMonitor(DummyVecEnv([functools.partial(make, env_id)] * n)))}
+        for venv in envs.values():  # torch's first calls and the first rollout are not timed
+            train(venv, PPO_KWARGS["n_steps"] * n)
+        turns: dict[str, list[float]] = {side: [] for side in envs}
+        returns: dict[str, list[float]] = {}
+        for i in range(opts.rounds):
+            for side, venv in envs.items():
+                note(f"PPO, {timesteps:,} steps, {side} envs (turn {i + 1} of {opts.rounds})")
+                seconds, returns[side] = train(venv, timesteps)
+                turns[side].append(seconds)
+        workers = len(set(remote.workers))
+    extra = {"env": env_id, "num_envs": n, "timesteps": timesteps, "seed": seed, "workers": workers,
+             "ppo_kwargs": PPO_KWARGS, "torch_threads": 1, "turns": turns,
+             "mean_return_last_episodes": {side: float(np.mean(r)) if r else None for side, r in returns.items()}}
+    yield Figure("sb3", f"{name}, {plural(workers, 'worker')}", median(turns["remote"]), "s", f"DummyVecEnv({n})",
+                 median(turns["local"]), "<= 1.25", extra=extra)
 
 
 # --- the embedded default: broker thread vs broker process -----------------------------------------------

@@ -18,6 +18,9 @@ import contextlib
 import functools
 import itertools
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,8 +29,8 @@ from typing import Any, Callable
 import gymnasium
 import numpy as np
 
-__all__ = ["ENVS_MODULE", "Figure", "HERE", "IMAGE_ID", "Options", "SLOW_ID", "Session", "closing",
-           "compare_latencies", "compare_rates", "env_step_timer", "local_vector", "median", "plural",
+__all__ = ["ENVS_MODULE", "BridgedBroker", "Figure", "HERE", "IMAGE_ID", "Options", "SLOW_ID", "Session",
+           "closing", "compare_latencies", "compare_rates", "env_step_timer", "local_vector", "median", "plural",
            "vector_stepper"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -231,12 +234,7 @@ class Session:
             return
         for url in (embedded.local_url, embedded.url):
             self._close_clients(url)
-        if self.options.quick:
-            thread = threading.Thread(target=embedded.stop, name="bench-release", daemon=True)
-            thread.start()
-            self._stopping.append(thread)
-        else:
-            embedded.stop()
+        self.stop_later(embedded.stop)
 
     def client(self, url: str) -> Any:
         """A new connected client (closed with its broker, or at the end of the case)."""
@@ -255,6 +253,15 @@ class Session:
         for client in self._clients.pop(url, []) if url else []:
             client.close()
 
+    def stop_later(self, stop: Callable[[], Any]) -> None:
+        """Call ``stop`` now, or with ``--quick`` in the background; :meth:`close` waits for it."""
+        if not self.options.quick:
+            stop()
+            return
+        thread = threading.Thread(target=stop, name="bench-release", daemon=True)
+        thread.start()
+        self._stopping.append(thread)
+
     def close(self) -> None:
         self.end_case()
         for key in list(self._embedded):
@@ -262,6 +269,93 @@ class Session:
         for thread in self._stopping:
             thread.join(30.0)
         self._stopping.clear()
+
+
+class BridgedBroker:
+    """A broker process serving tcp:// and ws://, and one local worker process attached over tcp.
+
+    The WebSocket bridge runs in the broker's process and reaches its ROUTER over an
+    ``inproc://`` endpoint the broker also binds, as ``remoterl-broker --ws`` wires them
+    (``broker/cli.py``); a trainer can then reach the same broker, and so the same worker,
+    over either transport. Both children die with this process (``PR_SET_PDEATHSIG``).
+
+        python bench/measure.py bridged-broker PARENT_PID   # prints "TCP_URL WS_URL" on stdout
+    """
+
+    def __init__(self, slots: int = 64, heartbeat: float = 1.0, liveness: int = 3) -> None:
+        self.slots, self.heartbeat, self.liveness = slots, heartbeat, liveness
+        self.tcp_url: str | None = None
+        self.ws_url: str | None = None
+        self._procs: list[subprocess.Popen] = []
+
+    def start(self, timeout: float = 30.0) -> BridgedBroker:
+        from remoterl.cli import fetch_status
+
+        broker = self._spawn([sys.executable, os.path.abspath(__file__), _BRIDGED, str(os.getpid()),
+                              repr(self.heartbeat), str(self.liveness)], stdout=subprocess.PIPE, text=True)
+        assert broker.stdout is not None
+        urls = broker.stdout.readline().split()  # bounded: the child exits on error
+        broker.stdout.close()
+        if len(urls) != 2:
+            self.stop()
+            raise RuntimeError(f"the bridged broker did not start (exit code {broker.poll()})")
+        self.tcp_url, self.ws_url = urls
+        worker = self._spawn([sys.executable, "-m", "remoterl._embedded_child", "worker", str(os.getpid()),
+                              repr(self.heartbeat), str(self.liveness), self.tcp_url, str(self.slots),
+                              "bench-bridged"])
+        deadline = time.monotonic() + timeout
+        while not fetch_status(self.tcp_url, timeout=timeout)["workers"]:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the bridged broker's worker did not register (exit code {worker.poll()})")
+            time.sleep(0.02)
+        return self
+
+    def _spawn(self, cmd: list[str], **popen: Any) -> subprocess.Popen:
+        # This process's import path, so the children import the remoterl this process does.
+        path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": path}, **popen)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """The worker first, then the broker (and its bridge); SIGKILL whatever does not stop."""
+        procs, self._procs = self._procs[::-1], []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+_BRIDGED = "bridged-broker"
+
+
+def _serve_bridged(parent_pid: int, heartbeat: float, liveness: int) -> None:
+    """The :class:`BridgedBroker` child: a broker plus a WsBridge to it, until SIGTERM."""
+    import uuid
+
+    import zmq
+
+    from remoterl._process import die_with_parent
+    from remoterl.broker.bridge import WsBridge
+    from remoterl.broker.core import BrokerConfig
+    from remoterl.broker.loop import Broker
+
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the bench; it stops us
+    inproc = f"inproc://remoterl-bridge-{uuid.uuid4().hex}"
+    broker = Broker("tcp://127.0.0.1:*", BrokerConfig(heartbeat=heartbeat, liveness=liveness), also=(inproc,))
+    tcp_url = broker.bind()
+    bridge = WsBridge("127.0.0.1", 0, inproc, context=zmq.Context.instance())
+    print(tcp_url, bridge.start(), flush=True)
+    sys.stdout.close()
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop(join=False))
+    broker.run()
+    bridge.stop()
 
 
 def plural(n: int, one: str, many: str | None = None) -> str:
@@ -273,3 +367,10 @@ def closing(stack: contextlib.ExitStack, env: Any) -> Any:
     """``env``, closed when ``stack`` exits."""
     stack.callback(env.close)
     return env
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == _BRIDGED:
+        _serve_bridged(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
+    else:
+        sys.exit(f"usage: python {sys.argv[0]} {_BRIDGED} PARENT_PID HEARTBEAT LIVENESS")

@@ -58,10 +58,17 @@ def test_quick_run_produces_every_figure(tmp_path, run):
             assert isinstance(f["ratio"], float), f
         if f["target"] is not None:
             assert isinstance(f["passed"], bool), f
-    # Each target of issue 5 has its row (with numbers, or n/a until its feature lands).
-    targets = {(f["case"], f["target"]) for f in figures if f["target"]}
+    # Each target of issue 5 has its row, with numbers: every feature it measures exists now
+    # (SB3 is an optional extra: without it, the sb3 row says how to install it).
+    has_sb3 = importlib.util.find_spec("stable_baselines3") is not None
     for case in ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale"):
-        assert any(c == case for c, _ in targets), case
+        rows = [f for f in figures if f["case"] == case and f["target"]]
+        assert rows, case
+        if case == "sb3" and not has_sb3:
+            assert [f["na"] for f in rows] == ["n/a: pip install remoterl[sb3]"], rows
+            continue
+        for f in rows:
+            assert f["na"] is None and isinstance(f["passed"], bool), f
     # The table went to stdout with every case in it.
     for case in run.CASES:
         assert f"| {case}" in proc.stdout, case
@@ -73,12 +80,12 @@ def test_table_shows_na_and_verdicts(run):
     text = run.table([
         Figure("latency", "p50", 150.0, "µs", "floor", 100.0, "<= 2.0"),
         Figure("throughput", "8 envs", 10.0, "env-steps/s", "async", 20.0, ">= 1.5"),
-        Figure("ws", "ws vs tcp", target=">= 0.6", na="n/a: WebSocket bridge not built yet"),
+        Figure("sb3", "PPO wall time", target="<= 1.25", na="n/a: pip install remoterl[sb3]"),
     ])
     lines = text.splitlines()
     assert "1.50×" in lines[2] and "PASS" in lines[2]
     assert "0.50×" in lines[3] and "FAIL" in lines[3]
-    assert "n/a: WebSocket bridge not built yet" in lines[4]
+    assert "n/a: pip install remoterl[sb3]" in lines[4] and "≤ 1.25×" in lines[4]
 
 
 def test_options(run):
