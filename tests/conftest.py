@@ -35,6 +35,13 @@ def wait_for(predicate, timeout: float = T, what: str = "condition", interval: f
         time.sleep(interval)
 
 
+def assert_same(remote, local, what: str) -> None:
+    """Exactly equal, types included (gymnasium's data_equivalence), or fail showing both."""
+    from gymnasium.utils.env_checker import data_equivalence
+
+    assert data_equivalence(remote, local, exact=True), f"{what} differs:\nremote: {remote!r}\nlocal:  {local!r}"
+
+
 def free_url() -> str:
     """A tcp:// URL on 127.0.0.1 with a port that was free a moment ago."""
     ctx = zmq.Context.instance()

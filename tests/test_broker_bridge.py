@@ -25,8 +25,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from conftest import HEARTBEAT, Proc, T, cli, free_url, status, wait_for
-from gymnasium.utils.env_checker import data_equivalence
+from conftest import assert_same, HEARTBEAT, Proc, T, cli, free_url, status, wait_for
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
@@ -116,10 +115,6 @@ def run_cartpole(client, steps: int = STEPS, num_envs: int = NUM_ENVS) -> list:
         return record
     finally:
         vec.close()
-
-
-def assert_same(got, expected, what: str) -> None:
-    assert data_equivalence(got, expected, exact=True), f"{what}: results differ"
 
 
 def ws_ids(url: str) -> tuple[list[str], list[str]]:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import gymnasium
-from conftest import process_group, free_url, start_broker, start_worker, status, wait_for
-from gymnasium.utils.env_checker import check_env, data_equivalence
+from conftest import assert_same, process_group, free_url, start_broker, start_worker, status, wait_for
+from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import NormalizeObservation, RecordEpisodeStatistics, TimeLimit
 
 import remoterl
@@ -49,10 +49,6 @@ def make_env(url):
     for env in made:
         env.close()
     wait_for(lambda: status(url)["open_slots"] == 0, what="every slot closed after the test")
-
-
-def assert_same(remote, local, what: str) -> None:
-    assert data_equivalence(remote, local, exact=True), f"{what} differs:\nremote: {remote!r}\nlocal:  {local!r}"
 
 
 def checker_warnings(env) -> list[str]:

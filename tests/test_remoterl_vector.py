@@ -16,9 +16,8 @@ import pytest
 
 import gymnasium
 import remoterl_test_envs  # noqa: F401  (registers DictObsEnv-v0 and RaisingEnv-v0 here too)
-from conftest import process_group, T, free_url, start_broker, start_worker, status, wait_for
+from conftest import assert_same, process_group, T, free_url, start_broker, start_worker, status, wait_for
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
-from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 import remoterl
@@ -65,10 +64,6 @@ def make_vec(url):
 
 def worker_calls(url: str) -> dict[str, int]:
     return {w["id"]: w["calls"] for w in status(url)["workers"]}
-
-
-def assert_same(remote, local, what: str) -> None:
-    assert data_equivalence(remote, local, exact=True), f"{what} differs:\nremote: {remote!r}\nlocal:  {local!r}"
 
 
 def assert_same_step(remote, local, step: int) -> None:

@@ -14,8 +14,9 @@ import gymnasium
 import numpy as np
 import pytest
 from gymnasium import spaces
-from gymnasium.utils.env_checker import data_equivalence
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
+
+from conftest import assert_same
 
 import remoterl.env
 from remoterl import codec
@@ -125,10 +126,6 @@ def assert_error(reply: dict, code: str) -> dict:
     assert isinstance(error["msg"], str) and error["msg"]
     assert set(reply) == {"r", "error"}, reply  # nothing else travels with an error
     return error
-
-
-def assert_same(actual, expected, what: str) -> None:
-    assert data_equivalence(actual, expected, exact=True), f"{what} differ:\n{actual!r}\n!=\n{expected!r}"
 
 
 class _InfoBuilder(VectorEnv):
