@@ -221,7 +221,7 @@ class BrokerCore:
             C.REGISTER: self._on_register,
         }
         self._dispatch_worker = {
-            W.READY: self._on_ready,
+            W.READY: self._on_ready_checked,
             W.OPENED: self._on_opened,
             W.HEARTBEAT: self._on_heartbeat,
             W.DISCONNECT: self._on_worker_disconnect,
@@ -280,8 +280,11 @@ class BrokerCore:
                                           and p.as_bytes(frames[1]) in p.MDP_WORKER):
                 self._on_mdp_worker(sender, frames, now)
             elif kind == "rl-version":
-                raise ProtocolError(f"unsupported remoterl protocol signature {frame0[:8]!r}; "
-                                    f"this broker speaks version {p.PROTOCOL_VERSION}")
+                msg = (f"unsupported remoterl protocol signature {frame0[:8]!r}; "
+                       f"this broker speaks version {p.PROTOCOL_VERSION}")
+                if frame0[:3] == p.RL_WORKER[:3]:
+                    self._out.append([sender, p.worker_frame(W.ERROR), p.encode_header({"code": "protocol", "msg": msg})])
+                raise ProtocolError(msg)
             else:
                 raise ProtocolError(f"unknown protocol signature {frame0[:16]!r}")
         except _Reply as exc:  # a well-formed request refused: typed error, not bad input
@@ -628,7 +631,16 @@ class BrokerCore:
             peer.last_seen = now
         self._out.append([sender, frame, p.encode_header({"broker": self.instance, "known": peer is not None, "id": peer_id})])
 
-    def _on_ready(self, sender: bytes, frames: list, now: float, role: str) -> None:
+    def _on_ready_checked(self, sender: bytes, frames: list, now: float, role: str) -> None:
+        # A worker whose READY is refused cannot work at all: tell it why (W.ERROR ends it)
+        # instead of letting it send READY again forever.
+        try:
+            self._on_ready(sender, frames, now)
+        except ProtocolError as exc:
+            self._out.append([sender, p.worker_frame(W.ERROR), p.encode_header({"code": "protocol", "msg": str(exc)})])
+            raise
+
+    def _on_ready(self, sender: bytes, frames: list, now: float) -> None:
         header = _header(frames, 1)
         envs = header.get("envs")
         capacity = header.get("capacity")

@@ -268,13 +268,21 @@ class TestRegistration:
     ])
     def test_bad_ready_registers_nothing(self, fields):
         h = Harness()
-        assert h.send(W1, [p.worker_frame(W.READY), p.encode_header(fields)]) == []
+        # The worker is told why (W.ERROR ends it) rather than left to send READY forever.
+        [refusal] = h.send(W1, [p.worker_frame(W.READY), p.encode_header(fields)])
+        assert refusal[:2] == [W1, p.worker_frame(W.ERROR)] and header(refusal, 2)["code"] == "protocol"
         assert h.core.workers == {} and h.core.counters["malformed"] == 1
 
     def test_ready_from_a_client_is_refused(self, h):
         before = h.snapshot()
-        assert h.send(C1, ready()) == []
+        [refusal] = h.send(C1, ready())
+        assert refusal[:2] == [C1, p.worker_frame(W.ERROR)] and "another role" in header(refusal, 2)["msg"]
         assert h.snapshot() == before and h.core.counters["malformed"] == 1
+
+    def test_worker_of_another_protocol_version_is_told(self):
+        h = Harness()
+        [refusal] = h.send(W1, [b"RLW9\x01", p.encode_header({"envs": [], "capacity": 1})])
+        assert refusal[1] == p.worker_frame(W.ERROR) and "version" in header(refusal, 2)["msg"]
 
 
 class TestOpen:
