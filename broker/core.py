@@ -38,8 +38,12 @@ Rules
   a deadline; bad input never creates entries. Queued MDP requests are capped and
   expire.
 
-Not done here: authentication and tenants (keys are accepted and ignored), socket
-options, signals. Those live in the loop and the CLI.
+* *Keys and tenants.* With API keys configured (``set_api_keys``), HELLO and READY
+  must present one; each peer gets the key's tenant, and placement, registrations,
+  the status service and error messages only ever involve the caller's own tenant.
+
+Not done here: socket options (CURVE, sizes), signals, key files. Those live in the
+loop and the CLI.
 """
 
 from __future__ import annotations
@@ -396,11 +400,12 @@ class BrokerCore:
     def _call_refused(self, sender: bytes, frames: list, worker_id: bytes, client: RLClient | None) -> None:
         header = _try_header(frames[2])
         r = header.get("r") if header else None
+        worker = self.workers.get(worker_id)
         if client is None:
             code, msg = "worker_lost", "this client session is unknown to the broker (expired or broker restarted)"
-        elif worker_id in self.workers:
+        elif worker is not None and worker.tenant == client.tenant:
             code, msg = "protocol", "this client holds no slot on that worker"
-        else:
+        else:  # gone, or another tenant's: the answer must not tell which
             code, msg = "worker_lost", f"worker {worker_id.hex()} is gone"
         self.counters["calls_refused"] += 1
         self._out.append([sender, p.client_frame(C.ERROR), p.encode_header({"r": r, "code": code, "msg": msg})])

@@ -68,12 +68,15 @@ def main() -> None:
 @click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker.")
 @click.option("--api-key", default=lambda: os.environ.get("REMOTERL_API_KEY"), show_default="$REMOTERL_API_KEY",
               help="Your key, for a broker that requires keys (you see your tenant only).")
-def status(broker: str, as_json: bool, timeout: float, api_key: str | None) -> None:
+@click.option("--curve-serverkey", default=lambda: os.environ.get("REMOTERL_CURVE_SERVERKEY"),
+              show_default="$REMOTERL_CURVE_SERVERKEY",
+              help="The broker's CURVE public key (z85 text or its broker.key file), if it uses CURVE.")
+def status(broker: str, as_json: bool, timeout: float, api_key: str | None, curve_serverkey: str | None) -> None:
     """Show a broker's workers, services, open slots and call counts."""
     from remoterl.errors import AuthenticationError, BrokerUnavailableError
 
     try:
-        snap = fetch_status(broker, timeout, api_key=api_key)
+        snap = fetch_status(broker, timeout, api_key=api_key, curve_serverkey=curve_serverkey)
     except (BrokerUnavailableError, AuthenticationError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:

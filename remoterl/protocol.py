@@ -134,7 +134,8 @@ class WorkerCommand(enum.IntEnum):
     CLOSE = 0x05        # b→w frames: client, {slots}; no reply
     HEARTBEAT = 0x07    # w→b {id, stats?}; b→w {broker, known, id}
     DISCONNECT = 0x08   # both ways: the peer leaves / the broker tells a worker to re-register
-    ERROR = 0x09        # b→w {code, msg}: READY refused (wrong API key, rate limit)
+    ERROR = 0x09        # b→w {code, msg}: READY refused (bad fields, role clash, wrong version,
+                        # wrong API key: the worker stops; rate limit: it retries later)
     REGISTER = 0x0B     # b→w {r, spec}: register an env id by its entry-point string
     REGISTERED = 0x0C   # w→b {r, id, ok, msg}
     CALL = 0x10         # b→w frames: client, header, *payload

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import remoterl
+import remoterl.codec
 from conftest import T, cli, start_broker, start_worker, status, wait_for
 from remoterl import protocol as p
 from remoterl.broker.core import BrokerConfig, BrokerCore
@@ -214,3 +215,22 @@ def _curve_status(url, public):
         return fetch_status(url, timeout=1.0, curve_serverkey=public)
     except remoterl.BrokerUnavailableError:
         return None
+
+
+def test_refused_call_does_not_reveal_another_tenants_worker(core):
+    send(core, b"wa", ready("key-alpha"))
+    send(core, b"cb", hello("key-beta"))
+    header = remoterl.codec.encode({"r": 4, "op": "step"})[0]
+    out = send(core, b"cb", [p.client_frame(C.CALL), b"wa", header])
+    unknown = send(core, b"cb", [p.client_frame(C.CALL), b"nobody", header])
+    assert hdr(out[0])["code"] == hdr(unknown[0])["code"] == "worker_lost"
+
+
+def test_rate_limited_worker_retries_instead_of_stopping(procs, broker_url, keys_file):
+    start_broker(procs, broker_url, "--api-keys", str(keys_file), "--max-new-connections", "1")
+    # Two workers at once: one is refused with `limit` and must register on a later try.
+    for name in ("w1", "w2"):
+        start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "1", "--procs", "1",
+                     "--api-key", "key-alpha", "--name", name)
+    wait_for(lambda: len(status_of("key-alpha", broker_url)["workers"]) == 2, timeout=3 * T,
+             what="both workers registered despite the rate limit")

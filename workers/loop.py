@@ -24,7 +24,7 @@ import zmq
 from remoterl import protocol as p
 from remoterl._process import keep_signals_for_main_thread
 from remoterl._zmqio import recv_frames, send_frames
-from remoterl.errors import error_from_wire
+from remoterl.errors import LimitExceededError, error_from_wire
 from remoterl.security import apply_curve_client, curve_serverkey_from_env
 from remoterl.wsgateway import resolve_endpoint
 from remoterl.protocol import WorkerCommand as W
@@ -206,6 +206,12 @@ class WorkerLoop:
                 self._reconnect.set()
             elif command == W.ERROR:
                 error = error_from_wire(p.decode_header(frames[1]))
+                if isinstance(error, LimitExceededError):
+                    # Too many new connections at the broker right now: still unregistered, the
+                    # serve loop sends READY again once its registration deadline passes.
+                    log.warning("worker %s: %s; trying again in %.1f s", self.name, error,
+                                self.heartbeat * self.liveness)
+                    return
                 log.error("worker %s: the broker at %s refused us: %s", self.name, self.url, error)
                 self.error = error
                 self._stopping = True
