@@ -815,7 +815,7 @@ class BrokerCore:
 
     def _drop_client(self, client: RLClient) -> None:
         self._close_slots([self.slots[s] for s in list(client.slots)])
-        for r, pending in list(self.pending_opens.items()):
+        for pending in self.pending_opens.values():
             if pending.client == client.id:
                 pending.error = {"code": "closed", "msg": "client left"}
         del self.clients[client.id]

@@ -260,10 +260,10 @@ class Client:
             request["slots"] = slots
             try:
                 header, frames = codec.encode(request, name=name)
+                self._send([_CALL, worker, header, *frames])
             except BaseException:
-                self.core.forget(entry)
+                self.core.forget(entry)  # nothing left: no reply will ever come for it
                 raise
-            self._send([_CALL, worker, header, *frames])
             return entry
 
     def wait(self, entries: list[Pending], timeout: float | None = None) -> list[Any]:

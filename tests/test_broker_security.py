@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import remoterl
 import remoterl.codec
-from conftest import T, cli, start_broker, start_worker, status, wait_for
+from conftest import T, cli, start_broker, start_worker, wait_for
 from remoterl import protocol as p
 from remoterl.broker.core import BrokerConfig, BrokerCore
 from remoterl.broker.services import answer
