@@ -302,7 +302,7 @@ class BridgedBroker:
         self.tcp_url, self.ws_url = urls
         worker = self._spawn([sys.executable, "-m", "remoterl._embedded_child", "worker", str(os.getpid()),
                               repr(self.heartbeat), str(self.liveness), self.tcp_url, str(self.slots),
-                              "bench-bridged"])
+                              "bench-bridged", "-1"])
         deadline = time.monotonic() + timeout
         while not fetch_status(self.tcp_url, timeout=timeout)["workers"]:
             if worker.poll() is not None or time.monotonic() > deadline:

@@ -4,25 +4,68 @@ The loop reads the clock, shuttles frames and sleeps in ``poll`` until a message
 the core's next deadline; all decisions are the core's. It stops when :meth:`Broker.stop`
 is called from any thread (or a signal handler), tells the workers it is leaving,
 and closes its socket.
+
+Theory of operation: in-process peers
+-------------------------------------
+A broker that runs in a thread of a trainer (the embedded default) also serves
+*in-process peers*: clients of the same process that skip their own socket. Such a
+client hands its frames straight to the core and, while it waits for a reply, runs
+this loop itself in its own thread. Per step that saves the two thread wake-ups of a
+hop through the broker's thread (trainer → broker thread → worker and back), which
+on two cores cost about as much as the worker's whole reply (``bench/README.md``).
+
+The socket and the core belong to whichever thread holds :attr:`Broker._loop` (a
+lock): the broker's own thread, or an in-process peer inside :meth:`Broker.driving`.
+A peer that finds the broker's thread asleep in ``poll`` wakes it through an
+eventfd that the poll also watches. The broker's thread does not take the loop back
+while a peer is inside ``driving`` or left it less than :data:`LINGER` ago, so a
+trainer stepping back to back keeps the loop from one step to the next and never
+pays that wake-up; once it pauses for longer (a gradient update), the broker's
+thread serves everyone else again. Messages for an in-process peer are handed to
+its ``deliver`` function (in the thread that runs the loop at the time) instead of
+being sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
+import weakref
+from typing import Any, Callable, Iterator
 
 import zmq
 
+from remoterl import protocol as p
+from remoterl._link import Link, LinkClosed
 from remoterl._zmqio import send_frames
 from remoterl.broker.core import BrokerConfig, BrokerCore
+from remoterl.errors import BrokerUnavailableError, ProtocolError
+from remoterl.protocol import WorkerCommand as W
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "LINGER", "in_process"]
 
 log = logging.getLogger(__name__)
 
 # The longest the loop sleeps in poll: how soon it notices stop() (from a thread or a signal).
 _MAX_WAIT = 0.25
+# How long the broker's thread leaves the loop to an in-process peer after its last call:
+# longer than a trainer's work between two steps (a policy's forward pass), shorter than
+# anything the other peers would notice.
+LINGER = 0.002
+
+# Brokers of this process by the in-process endpoints they bound (see in_process()).
+_in_process: dict[str, Broker] = {}
+
+
+def in_process(url: str) -> Broker | None:
+    """The running broker of this process bound at ``url`` (an ``inproc://`` endpoint), if any."""
+    broker = _in_process.get(url)
+    if broker is None or broker._pid != os.getpid() or broker._sock is None:
+        return None
+    return broker
 
 
 class Broker:
@@ -32,22 +75,39 @@ class Broker:
         url: where to bind, e.g. ``tcp://127.0.0.1:5555`` or ``tcp://127.0.0.1:*``
             for a free port (read :attr:`url` after :meth:`bind`).
         config: heartbeat, liveness and limits.
+        also: more endpoints on the same socket; an ``inproc://`` one also makes the broker
+            reachable by in-process peers (:func:`in_process`).
+        curve_secret: CURVE for tcp peers (inproc ones are exempt).
     """
 
     def __init__(self, url: str = "tcp://127.0.0.1:5555", config: BrokerConfig | None = None,
                  context: zmq.Context | None = None, also: tuple[str, ...] = (),
                  curve_secret: str | None = None) -> None:
         self.requested_url = url
-        self.also = also  # more endpoints on the same socket, e.g. inproc:// for an in-process trainer
-        self.curve_secret = curve_secret  # CURVE for tcp peers (inproc ones are exempt)
+        self.also = also
+        self.curve_secret = curve_secret
         self.config = config or BrokerConfig()
         self.core = BrokerCore(self.config, time.monotonic())
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
         self.url: str | None = None
         self.bound = threading.Event()
+        # In-process peers: see the module docstring.
+        self._loop = threading.Lock()
+        self._local: dict[bytes, Callable[[list], None]] = {}
+        self._drivers = 0  # in-process peers inside driving() (or queued to enter)
+        self._drivers_lock = threading.Lock()
+        self._released = 0.0  # when the last one left
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Closed with the object, never before: a peer may still write to it after stop().
+        weakref.finalize(self, os.close, self._wake)
+        self._idle = threading.Event()  # set by stop(): ends the broker thread's lingering
+        # Local links (remoterl._link): peer id -> link, and the link's fd -> peer id.
+        self._links: dict[bytes, Link] = {}
+        self._link_ids: dict[int, bytes] = {}
 
     def bind(self) -> str:
         """Create and bind the ROUTER socket; return the bound URL (with the real port)."""
@@ -66,6 +126,12 @@ class Broker:
         for endpoint in self.also:
             sock.bind(endpoint)
         self._sock = sock
+        self._poll = zmq.Poller()
+        self._poll.register(sock, zmq.POLLIN)
+        self._poll.register(self._wake, zmq.POLLIN)
+        for endpoint in self.also:
+            if endpoint.startswith("inproc://"):
+                _in_process[endpoint] = self
         self.bound.set()
         log.info("broker %s listening on %s", self.core.instance, self.url)
         return self.url
@@ -80,52 +146,198 @@ class Broker:
     def stop(self, join: bool = True, timeout: float = 5.0) -> None:
         """Ask the loop to finish within a quarter second (safe from threads and signal handlers)."""
         self._stopping = True
+        self._idle.set()
         if join and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called or the socket is closed."""
+        return self._stopping or self._sock is None
 
     def run(self) -> None:
         """Serve until :meth:`stop`; then DISCONNECT workers and close the socket."""
         if self._sock is None:
             self.bind()
-        sock, core = self._sock, self.core
-        assert sock is not None
-        poll = zmq.Poller()
-        poll.register(sock, zmq.POLLIN)
-        poll = poll.poll  # a reused Poller: about half the cost of Socket.poll per call
-        recv, more, send = sock.recv, sock.getsockopt, sock.send
-        receive, outbox, tick = core.receive, core.messages_to_send, core.tick
-        RCVMORE = int(zmq.RCVMORE)
-        monotonic = time.monotonic
+        core, loop, monotonic = self.core, self._loop, time.monotonic
         try:
             while not self._stopping:
-                now = monotonic()
-                # Wake for the core's next deadline, and at least every _MAX_WAIT to notice stop().
-                timeout = min(core.next_deadline() - now, _MAX_WAIT)
-                if poll(max(timeout, 0.0) * 1000.0):
+                # An in-process peer stepping back to back keeps the loop (module docstring).
+                while self._drivers or (wait := self._released + LINGER - monotonic()) > 0:
+                    if self._idle.wait(LINGER if self._drivers else wait):
+                        break
+                if self._stopping:
+                    break
+                with loop:
+                    # Wake for the core's next deadline, and at least every _MAX_WAIT to notice stop().
+                    self.serve(min(core.next_deadline() - monotonic(), _MAX_WAIT))
+        finally:
+            with loop:
+                core.shutdown()
+                self._flush()
+                self._close()
+
+    def serve(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for one message, handle it and run the core's timers.
+
+        The caller holds the loop: the broker's own thread, or an in-process peer inside
+        :meth:`driving`.
+        """
+        sock, core = self._sock, self.core
+        assert sock is not None
+        events = self._poll.poll(max(timeout, 0.0) * 1000.0)
+        if events:
+            for target, _ in events:  # (socket or fd, events)
+                if target is sock:
                     # Routing id, signature and the next two frames (worker/client id, header)
                     # as bytes (cheaper for small frames); payload frames as zmq.Frame (no copy).
+                    recv, more = sock.recv, sock.getsockopt
                     sender = recv()
                     frames = []
-                    while more(RCVMORE):
+                    while more(_RCVMORE):
                         frames.append(recv(copy=len(frames) < 3))
-                    receive(sender, frames, monotonic())
-                    # copy=True sends bytes by copying (fast for small frames) and zmq.Frame
-                    # objects without a copy, so payload frames pass through untouched.
-                    for msg in outbox():
-                        send_frames(send, msg)
-                tick(monotonic())
-                for msg in outbox():
-                    send_frames(send, msg)
-            core.shutdown()
-            for msg in outbox():
+                    core.receive(sender, frames, time.monotonic())
+                    self._flush()
+                elif target == self._wake:  # an in-process peer wants the loop: just leave poll
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self._on_link(target, _)
+        core.tick(time.monotonic())
+        self._flush()
+
+    def _flush(self) -> None:
+        # copy=True sends bytes by copying (fast for small frames) and zmq.Frame objects
+        # without a copy, so payload frames pass through untouched.
+        out = self.core.messages_to_send()
+        if not out:
+            return
+        send, local, links = self._sock.send, self._local, self._links  # type: ignore[union-attr]
+        broken = None
+        for msg in out:
+            peer = msg[0]
+            if local and peer in local:
+                local[peer](msg[1:])
+            elif links and peer in links:
+                link = links[peer]
+                try:
+                    link.send(msg[1:])
+                except LinkClosed:
+                    broken = [*(broken or ()), peer]
+                    continue
+                if link.wants_write:
+                    self._poll.modify(link.fileno(), zmq.POLLIN | zmq.POLLOUT)
+            else:
                 send_frames(send, msg)
+        for peer in broken or ():
+            self._drop_link(peer, "its link broke")
+
+    # --- local links ------------------------------------------------------------------------------
+
+    def add_link(self, sock: Any) -> bytes:
+        """Serve a peer on one end of a local stream socket (``remoterl._link``); return its id.
+
+        Call from any thread but one inside :meth:`driving`. The peer is the same to the
+        core as one on the ROUTER socket; when the link closes, the core hears DISCONNECT.
+        """
+        link = Link(sock, self.config.max_message_size)
+        identity = b"W" + os.urandom(15)
+        with self.driving():
+            self._links[identity] = link
+            self._link_ids[link.fileno()] = identity
+            self._poll.register(link.fileno(), zmq.POLLIN)
+        return identity
+
+    def _on_link(self, fd: int, events: int) -> None:
+        peer = self._link_ids.get(fd)
+        if peer is None:
+            return
+        link = self._links[peer]
+        try:
+            if events & zmq.POLLOUT and link.flush():
+                self._poll.modify(fd, zmq.POLLIN)
+            if events & (zmq.POLLIN | zmq.POLLERR):
+                for frames in link.receive():
+                    self.core.receive(peer, frames, time.monotonic())
+                self._flush()
+        except LinkClosed:
+            self._drop_link(peer, "its link closed")
+        except ProtocolError as exc:
+            log.warning("dropping the local link of worker %s: %s", peer.hex(), exc)
+            self._drop_link(peer, str(exc))
+
+    def _drop_link(self, peer: bytes, reason: str) -> None:
+        link = self._links.pop(peer, None)
+        if link is None:
+            return
+        self._link_ids.pop(link.fileno(), None)
+        self._poll.unregister(link.fileno())
+        link.close()
+        log.info("local worker %s: %s", peer.hex(), reason)
+        if peer in self.core.workers:  # its slots fail now instead of at the heartbeat timeout
+            self.core.receive(peer, [p.worker_frame(W.DISCONNECT)], time.monotonic())
+            self._flush()
+
+    # --- in-process peers ----------------------------------------------------------------------
+
+    def attach(self, identity: bytes, deliver: Callable[[list], None]) -> None:
+        """Register an in-process peer: messages for ``identity`` go to ``deliver(frames)``,
+        called in whichever thread runs the loop at the time (keep it short and thread-safe)."""
+        self._local[identity] = deliver
+
+    def detach(self, identity: bytes) -> None:
+        """Forget an in-process peer (its messages are sent to the socket again, and dropped there)."""
+        self._local.pop(identity, None)
+
+    @contextlib.contextmanager
+    def driving(self) -> Iterator[Broker]:
+        """Hold the loop in this thread: then :meth:`submit` and :meth:`serve` may be called.
+
+        Raises:
+            BrokerUnavailableError: the broker has stopped.
+        """
+        with self._drivers_lock:
+            self._drivers += 1
+        try:
+            if not self._loop.acquire(blocking=False):
+                os.eventfd_write(self._wake, 1)  # the broker's thread sleeps in poll: wake it
+                self._loop.acquire()
+            try:
+                if self._sock is None:
+                    raise BrokerUnavailableError(f"the broker at {self.url} has stopped")
+                yield self
+            finally:
+                self._released = time.monotonic()
+                self._loop.release()
         finally:
-            self._close()
+            with self._drivers_lock:
+                self._drivers -= 1
+
+    def submit(self, sender: bytes, frames: list) -> None:
+        """Hand one message from an in-process peer to the core (inside :meth:`driving`)."""
+        self.core.receive(sender, frames, time.monotonic())
+        self._flush()
 
     def _close(self) -> None:
+        for link in self._links.values():
+            try:
+                link.flush()  # the DISCONNECTs, as far as the kernel takes them now
+            except LinkClosed:
+                pass
+            link.close()
+        self._links.clear()
+        self._link_ids.clear()
+        for endpoint in self.also:
+            if _in_process.get(endpoint) is self:
+                del _in_process[endpoint]
         if self._sock is not None:
             # Give the DISCONNECTs a moment to leave, bounded.
             self._sock.setsockopt(zmq.LINGER, 200)
             self._sock.close()
             self._sock = None
         log.info("broker %s stopped", self.core.instance)
+
+
+_RCVMORE = int(zmq.RCVMORE)

@@ -5,7 +5,10 @@ Started with ``subprocess`` rather than ``multiprocessing`` so that the trainer'
 guard would otherwise run again in every child).
 
     python -m remoterl._embedded_child broker PARENT_PID HEARTBEAT LIVENESS
-    python -m remoterl._embedded_child worker PARENT_PID HEARTBEAT LIVENESS URL SLOTS NAME [MODULE ...]
+    python -m remoterl._embedded_child worker PARENT_PID HEARTBEAT LIVENESS URL SLOTS NAME LINK_FD [MODULE ...]
+
+LINK_FD is the worker's end of a local link to the broker (``remoterl._link``), or -1
+to use zmq only.
 
 The broker prints its URL on one line of stdout once bound.
 """
@@ -36,9 +39,10 @@ def main(argv: list[str]) -> None:
     elif role == "worker":
         from remoterl.workers.pool import WorkerSpec, run_worker
 
-        url, slots, name, imports = argv[4], int(argv[5]), argv[6], argv[7:]
+        url, slots, name, link_fd, imports = argv[4], int(argv[5]), argv[6], int(argv[7]), argv[8:]
         # A private worker of one trainer: any module the trainer registers may be imported.
-        run_worker(WorkerSpec(url, None, slots, imports, None, heartbeat, liveness, name=name))
+        run_worker(WorkerSpec(url, None, slots, imports, None, heartbeat, liveness, name=name,
+                              link_fd=link_fd if link_fd >= 0 else None))
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -6,12 +6,18 @@ registered in gymnasium. Every child process dies with the trainer, even when th
 trainer is killed with SIGKILL (``PR_SET_PDEATHSIG``), and :meth:`Embedded.stop`
 stops them in order at shutdown.
 
-The broker runs in a thread of the trainer by default, reached over ``inproc://``
-(the workers use tcp on 127.0.0.1). Measured with CartPole-v1, 8 envs, on 2 cores:
-a thread is as fast as a process unpinned and ~25% faster pinned to one core, since
-the trainer sleeps in ``poll`` (GIL released) while the broker routes its step, and
-an inproc hop saves a TCP round trip. ``REMOTERL_EMBEDDED_BROKER=process`` puts the
-broker in its own process instead (``bench/run.py --case embedded`` measures both).
+The broker runs in a thread of the trainer by default, and takes the shortest path
+it can: the trainer's client is an in-process peer that runs the broker's loop in its
+own thread while it waits (``remoterl.transport.LocalClient``), and each worker
+process talks to the broker over a local link, one end of a ``socket.socketpair()``
+(``remoterl._link``), so a step wakes only the worker and then the trainer, where
+zmq would also wake the I/O threads of both. Other processes (SB3's
+``SubprocVecEnv`` children, ``remoterl status``) reach the same broker over tcp on
+127.0.0.1, and the workers send their heartbeats that way.
+
+Measured with CartPole-v1 on 2 cores (``bench/run.py --case embedded`` compares the
+thread with ``REMOTERL_EMBEDDED_BROKER=process``, a broker process reached over tcp,
+where the workers use tcp too): see ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,8 +92,19 @@ class Embedded:
                 raise RuntimeError(f"the embedded broker did not start (exit code {self._broker_proc.poll()})")
             self.url = line
         for i in range(self.num_workers):
-            self._workers.append(self._child("worker", self.url, str(self.slots_per_worker), f"embedded-{i}",
-                                             *self.imports))
+            args = [self.url, str(self.slots_per_worker), f"embedded-{i}"]
+            if self._broker_thread is not None:
+                # A local link carries the worker's messages (heartbeats still use tcp): the
+                # kernel wakes the reader directly, where zmq goes through two I/O threads.
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    self._broker_thread.add_link(ours)
+                    self._workers.append(self._child("worker", *args, str(theirs.fileno()), *self.imports,
+                                                     pass_fds=(theirs.fileno(),)))
+                finally:
+                    theirs.close()
+            else:
+                self._workers.append(self._child("worker", *args, "-1", *self.imports))
         self._wait_for_workers()
         log.info("embedded broker at %s with %d local worker(s)", self.url, self.num_workers)
         return self.url

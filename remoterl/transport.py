@@ -16,6 +16,7 @@ its own.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -43,7 +44,7 @@ from remoterl.protocol import ClientCommand as C
 from remoterl.security import apply_curve_client, curve_serverkey_from_env
 from remoterl.wsgateway import resolve_endpoint
 
-__all__ = ["Client", "Opened"]
+__all__ = ["Client", "LocalClient", "Opened"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Client:
         self.broker_instance: str | None = None
         self._lock = threading.RLock()
         self._sock: zmq.Socket | None = None
+        self._connected = False  # between connect() and close()
         self._lost: str | None = None
         self._closed = False
         self._hb_stop = threading.Event()
@@ -123,20 +125,28 @@ class Client:
             sock.close()
             raise BrokerUnavailableError(f"invalid broker URL {self.url!r}: {exc}") from exc
         self._sock = sock
+        self._connected = True
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         self._poll = poller.poll  # reused: half the cost of Socket.poll per call
-        hello = {"v": p.PROTOCOL_VERSION, "name": self.name, "pid": os.getpid(), "host": socket.gethostname()}
-        if self._api_key:
-            hello["key"] = self._api_key
-        sock.send_multipart([p.client_frame(C.HELLO), p.encode_header(hello)])
+        sock.send_multipart(self._hello())
         if not sock.poll(self.connect_timeout * 1000):
             self.close()
             raise BrokerUnavailableError(
                 f"no remoterl broker answered at {self.url} within {self.connect_timeout:g} s. "
                 f"Start one with: remoterl-broker --bind {self.url}  (or call remoterl.init() "
                 f"without a broker URL to use an embedded one)")
-        frames = sock.recv_multipart()
+        self._welcomed(sock.recv_multipart())
+        return self
+
+    def _hello(self) -> list[bytes]:
+        hello = {"v": p.PROTOCOL_VERSION, "name": self.name, "pid": os.getpid(), "host": socket.gethostname()}
+        if self._api_key:
+            hello["key"] = self._api_key
+        return [p.client_frame(C.HELLO), p.encode_header(hello)]
+
+    def _welcomed(self, frames: list) -> None:
+        """Take the broker's answer to HELLO; start heartbeats (closes and raises on a refusal)."""
         if p.as_bytes(frames[0]) == p.client_frame(C.ERROR) and len(frames) >= 2:
             self.close()
             raise error_from_wire(p.decode_header(frames[1]))  # AuthenticationError, LimitExceededError
@@ -154,29 +164,32 @@ class Client:
         self.broker_instance = welcome.get("broker")
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="remoterl-client-heartbeat", daemon=True)
         self._hb_thread.start()
-        return self
 
     def close(self) -> None:
         """Leave: the broker closes every slot this client holds. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._connected = False
         self._hb_stop.set()
         with self._lock:
-            if self._sock is not None:
-                if os.getpid() == self._pid and self._lost is None:
-                    try:
-                        self._sock.send_multipart([p.client_frame(C.DISCONNECT), p.encode_header({})], zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
-                    self._sock.setsockopt(zmq.LINGER, 200)
-                self._sock.close()
-                self._sock = None
+            self._leave(os.getpid() == self._pid and self._lost is None)
         if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
             self._hb_thread.join(2.0)
 
+    def _leave(self, say_disconnect: bool) -> None:
+        if self._sock is not None:
+            if say_disconnect:
+                try:
+                    self._sock.send_multipart([p.client_frame(C.DISCONNECT), p.encode_header({})], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                self._sock.setsockopt(zmq.LINGER, 200)
+            self._sock.close()
+            self._sock = None
+
     def __enter__(self) -> Client:
-        return self if self._sock is not None else self.connect()
+        return self if self._connected else self.connect()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -220,7 +233,7 @@ class Client:
         with self._lock:
             live = [s for s in slots if s in self.core.slots and self.core.slots[s].lost is None]
             self.core.mark_closed(slots)
-            if not live or self._sock is None or self._lost is not None:
+            if not live or not self._connected or self._lost is not None:
                 return
             entry = self.core.new_request()
             self._send([p.client_frame(C.CLOSE), p.encode_header({"r": entry.r, "slots": live})])
@@ -289,8 +302,8 @@ class Client:
 
     # --- internals -----------------------------------------------------------------------------------
 
-    def _send(self, frames: list) -> None:
-        if self._sock is None:
+    def _check_send(self, frames: list) -> None:
+        if not self._connected:
             raise BrokerUnavailableError("this client is closed" if self._closed else "this client is not connected")
         if self._lost is not None:
             raise BrokerUnavailableError(self._lost)
@@ -299,6 +312,9 @@ class Client:
             raise MessageTooLargeError(
                 f"message of {size} bytes exceeds the broker's limit of {self.max_message_size} bytes "
                 f"(remoterl-broker --max-message-size)")
+
+    def _send(self, frames: list) -> None:
+        self._check_send(frames)
         # copy=True is cheaper for small frames; arrays (only present when big) go without a copy.
         send_frames(self._sock.send, frames, copy=len(frames) <= 3)
 
@@ -320,21 +336,26 @@ class Client:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    for e in entries:
-                        if not e.done:
-                            core.forget(e)
-                    raise RemoteTimeoutError(
-                        f"no reply from {'worker ' + entry.worker.hex()[:12] if entry.worker else 'the broker'} "
-                        f"within the timeout (broker {self.url})")
+                    raise self._timed_out(entries, entry)
                 # Wake at least once a heartbeat to notice a lost broker.
                 if not poll(min(remaining, self.heartbeat) * 1000):
                     continue
                 # Signature and header as bytes; array frames as zmq.Frame (no copy).
-                frames = recv_frames(sock, 2)
-                try:
-                    core.receive(frames)
-                except ProtocolError as exc:
-                    log.warning("dropping a malformed message from the broker: %s", exc)
+                self._take(recv_frames(sock, 2))
+
+    def _take(self, frames: list) -> None:
+        try:
+            self.core.receive(frames)
+        except ProtocolError as exc:
+            log.warning("dropping a malformed message from the broker: %s", exc)
+
+    def _timed_out(self, entries: list[Pending], entry: Pending) -> RemoteTimeoutError:
+        for e in entries:
+            if not e.done:
+                self.core.forget(e)
+        return RemoteTimeoutError(
+            f"no reply from {'worker ' + entry.worker.hex()[:12] if entry.worker else 'the broker'} "
+            f"within the timeout (broker {self.url})")
 
     def _heartbeat_loop(self) -> None:
         """Ping the broker; notice when it goes silent or forgets this session."""
@@ -374,3 +395,90 @@ class Client:
             log.exception("client heartbeat thread failed")
         finally:
             sock.close(0)
+
+
+class LocalClient(Client):
+    """A client of a broker that runs in this process (the embedded default's thread).
+
+    It has no socket of its own for calls: it hands its messages straight to the broker's
+    core and, while it waits for a reply, runs the broker's loop in its own thread
+    (``remoterl.broker.loop``, "in-process peers"), which saves two thread wake-ups per
+    round trip. Heartbeats still travel on the heartbeat thread's own socket over the
+    broker's ``inproc://`` endpoint, so a trainer busy for minutes keeps its slots.
+
+    Args:
+        broker: the running :class:`remoterl.broker.loop.Broker` of this process.
+        url: its ``inproc://`` endpoint (what :func:`remoterl.broker.loop.in_process` found it by).
+    """
+
+    def __init__(self, broker: Any, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._broker = broker
+        # Messages for this client, put here by whichever thread runs the broker's loop.
+        self._inbox: collections.deque = collections.deque()
+
+    def connect(self) -> LocalClient:
+        """Say HELLO to the in-process broker and take its WELCOME; start heartbeats.
+
+        Raises:
+            BrokerUnavailableError: the broker has stopped.
+        """
+        self._broker.attach(self.identity, self._inbox.append)
+        self._connected = True
+        try:
+            self._submit(self._hello())
+        except BrokerUnavailableError:
+            self.close()
+            raise
+        if not self._inbox:  # the core answers HELLO at once; nothing means it dropped it
+            self.close()
+            raise ProtocolError(f"the broker at {self.url} did not answer HELLO")
+        self._welcomed(self._inbox.popleft())
+        return self
+
+    def _submit(self, frames: list) -> None:
+        try:
+            with self._broker.driving() as broker:
+                broker.submit(self.identity, frames)
+        except BrokerUnavailableError as exc:
+            self._lost = str(exc)
+            raise
+
+    def _leave(self, say_disconnect: bool) -> None:
+        if say_disconnect:
+            try:
+                self._submit([p.client_frame(C.DISCONNECT), p.encode_header({})])
+            except BrokerUnavailableError:
+                pass
+        self._broker.detach(self.identity)
+
+    def _send(self, frames: list) -> None:
+        self._check_send(frames)
+        if len(frames) > 3:  # arrays (only present when big) travel on without a copy
+            frames = [f if type(f) is bytes else zmq.Frame(f, copy=False) for f in frames]
+        self._submit(frames)
+
+    def _wait_until(self, entries: list[Pending], deadline: float) -> None:
+        if not self._connected:
+            raise BrokerUnavailableError("this client is closed")
+        core, inbox, monotonic = self.core, self._inbox, time.monotonic
+        try:
+            with self._broker.driving() as broker:
+                for entry in entries:
+                    while not entry.done:
+                        if inbox:
+                            self._take(inbox.popleft())
+                            continue
+                        if self._lost is not None:
+                            core.lose_all(self._lost, BrokerUnavailableError)
+                            break
+                        remaining = deadline - monotonic()
+                        if remaining <= 0:
+                            raise self._timed_out(entries, entry)
+                        if broker.stopping:
+                            self._lost = f"the broker at {self.url} has stopped"
+                            continue
+                        broker.serve(min(remaining, self.heartbeat))
+        except BrokerUnavailableError as exc:  # stopped before we got the loop
+            self._lost = str(exc)
+            core.lose_all(self._lost, BrokerUnavailableError)

@@ -6,6 +6,8 @@ Not a test module: pytest does not collect it. Worker processes find it through
 
 from __future__ import annotations
 
+import time
+
 import gymnasium
 import numpy as np
 from gymnasium import spaces
@@ -68,5 +70,25 @@ class DictObsEnv(gymnasium.Env):
                 "flags": (self.np_random.random(4) > 0.5).astype(np.int8)}
 
 
+class SleepyEnv(gymnasium.Env):
+    """Each step sleeps ``delay`` seconds: a slow simulator, for waits that last."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, delay: float = 0.5) -> None:
+        self.delay = delay
+        self.observation_space = spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        time.sleep(self.delay)
+        return np.zeros(1, np.float32), 0.0, False, False, {}
+
+
 gymnasium.register(id="RaisingEnv-v0", entry_point=f"{__name__}:RaisingEnv")
+gymnasium.register(id="SleepyEnv-v0", entry_point=f"{__name__}:SleepyEnv")
 gymnasium.register(id="DictObsEnv-v0", entry_point=f"{__name__}:DictObsEnv")

@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -317,3 +318,166 @@ def test_status_cli(two_workers, broker_url):
     bad = subprocess.run([*cli("remoterl"), "status", "--broker", "tcp://127.0.0.1:1", "--timeout", "0.5"],
                          capture_output=True, text=True, timeout=T)
     assert bad.returncode != 0 and "remoterl-broker --bind" in bad.stderr
+
+
+# --- in-process peers and local links (the embedded default's fast path) ------------------------
+
+
+class InProcessBroker:
+    """A broker thread with an inproc endpoint, and link workers as real processes."""
+
+    def __init__(self, heartbeat: float = HEARTBEAT, liveness: int = LIVENESS) -> None:
+        from remoterl.broker.core import BrokerConfig
+        from remoterl.broker.loop import Broker
+
+        self.inproc = f"inproc://test-{os.urandom(4).hex()}"
+        self.heartbeat, self.liveness = heartbeat, liveness
+        self.broker = Broker("tcp://127.0.0.1:*", BrokerConfig(heartbeat=heartbeat, liveness=liveness),
+                             also=(self.inproc,))
+        self.url = self.broker.start()
+        self.workers: list[subprocess.Popen] = []
+
+    def link_worker(self, name: str, slots: int = 8) -> subprocess.Popen:
+        import socket
+
+        from conftest import TEST_ENV
+
+        ours, theirs = socket.socketpair()
+        self.broker.add_link(ours)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "remoterl._embedded_child", "worker", str(os.getpid()), repr(self.heartbeat),
+             str(self.liveness), self.url, str(slots), name, str(theirs.fileno()), "remoterl_test_envs"],
+            pass_fds=(theirs.fileno(),), env={**os.environ, **TEST_ENV})
+        theirs.close()
+        self.workers.append(proc)
+        wait_for(lambda: name in [w["name"] for w in status(self.url)["workers"]], what=f"worker {name}")
+        return proc
+
+    def local_client(self):
+        from remoterl.broker.loop import in_process
+        from remoterl.transport import LocalClient
+
+        return LocalClient(in_process(self.inproc), self.inproc, timeout=T).connect()
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(T)
+        self.broker.stop()
+
+
+@pytest.fixture
+def in_process():
+    broker = InProcessBroker()
+    yield broker
+    broker.close()
+
+
+def test_in_process_client_and_tcp_client_share_a_link_worker(in_process):
+    from remoterl import RemoteEnvVec
+    from remoterl.transport import LocalClient
+
+    in_process.link_worker("linked")
+    local = in_process.local_client()
+    assert isinstance(local, LocalClient)
+    remote = Client(in_process.url, timeout=T).connect()
+    try:
+        envs = [RemoteEnvVec("CartPole-v1", 4, client=c) for c in (local, remote)]
+        results = [env.reset(seed=3)[0] for env in envs]
+        np.testing.assert_array_equal(results[0], results[1])
+        actions = np.array([0, 1, 1, 0])
+        for _ in range(20):  # interleaved: the tcp client is served while the local one waits and idles
+            steps = [env.step(actions) for env in envs]
+            np.testing.assert_array_equal(steps[0][0], steps[1][0])
+        time.sleep(0.02)  # past the broker thread's linger: it serves the tcp client alone
+        envs[1].step(actions)
+        envs[0].step(actions)  # the local client takes the loop back from the broker's thread
+        assert status(in_process.url)["workers"][0]["name"] == "linked"
+        for env in envs:
+            env.close()
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_tcp_client_is_served_while_the_local_client_waits(in_process):
+    from remoterl import RemoteEnvVec
+
+    in_process.link_worker("slow")
+    in_process.link_worker("fast")
+    local = in_process.local_client()
+    remote = Client(in_process.url, timeout=T).connect()
+    try:
+        slow = RemoteEnvVec("SleepyEnv-v0", 1, client=local, delay=1.0)
+        fast = RemoteEnvVec("CartPole-v1", 2, client=remote, max_workers=1)
+        assert not set(slow.workers) & set(fast.workers)
+        slow.reset()
+        fast.reset(seed=0)
+        slow.step_async(np.array([0]))
+        waiter = threading.Thread(target=slow.step_wait)
+        waiter.start()  # holds the loop for a second
+        steps = 0
+        while waiter.is_alive() and steps < 50:
+            fast.step(np.array([0, 1]))  # routed by the waiting local client's thread
+            steps += 1
+        waiter.join(T)
+        assert steps == 50, "the tcp client stalled while the local client waited"
+        slow.close()
+        fast.close()
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_idle_local_client_keeps_its_slots(in_process):
+    from remoterl import RemoteEnvVec
+
+    in_process.link_worker("w")
+    local = in_process.local_client()
+    try:
+        env = RemoteEnvVec("CartPole-v1", 2, client=local)
+        env.reset(seed=0)
+        time.sleep(WINDOW * 2.5)  # its heartbeat thread pings over inproc meanwhile
+        env.step(np.array([0, 1]))
+        env.close()
+    finally:
+        local.close()
+
+
+def test_killed_link_worker_fails_its_slots_before_the_heartbeat_window():
+    from remoterl import RemoteEnvVec
+
+    # Heartbeats too slow to notice within the test's bound: only the closed link can tell.
+    slow_heartbeats = InProcessBroker(heartbeat=5.0, liveness=3)
+    try:
+        proc = slow_heartbeats.link_worker("doomed")
+        local = slow_heartbeats.local_client()
+        env = RemoteEnvVec("CartPole-v1", 2, client=local)
+        env.reset(seed=0)
+        proc.kill()
+        proc.wait(T)
+        with pytest.raises(WorkerLostError):
+            wait_for(lambda: env.step(np.array([0, 1])) and False, timeout=T, what="WorkerLostError")
+        assert status(slow_heartbeats.url)["workers"] == []
+        local.close()
+    finally:
+        slow_heartbeats.close()
+
+
+def test_broker_stop_fails_a_waiting_local_client(in_process):
+    from remoterl import BrokerUnavailableError, RemoteEnvVec, RemoteRLError
+
+    in_process.link_worker("w")
+    local = in_process.local_client()
+    env = RemoteEnvVec("SleepyEnv-v0", 1, client=local, delay=2.0)
+    env.reset()
+    env.step_async(np.array([0]))
+    stopper = threading.Timer(0.2, in_process.broker.stop, kwargs={"join": False})
+    stopper.start()
+    with pytest.raises(BrokerUnavailableError, match="stopped"):
+        env.step_wait()
+    stopper.join(T)
+    with pytest.raises(RemoteRLError, match="stopped"):  # its slots are lost with the broker
+        env.step(np.array([0]))
+    local.close()

@@ -22,6 +22,7 @@ import time
 import zmq
 
 from remoterl import protocol as p
+from remoterl._link import Link, LinkClosed
 from remoterl._process import keep_signals_for_main_thread
 from remoterl._zmqio import recv_frames, send_frames
 from remoterl.errors import LimitExceededError, error_from_wire
@@ -55,7 +56,7 @@ class WorkerLoop:
 
     def __init__(self, url: str, host: SlotHost, *, heartbeat: float = 1.0, liveness: int = 3,
                  name: str | None = None, api_key: str | None = None, curve_serverkey: str | bytes | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, link: Link | None = None) -> None:
         self.url = url
         self.host = host
         self.heartbeat = heartbeat
@@ -63,6 +64,10 @@ class WorkerLoop:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        # A local link to the embedded broker (remoterl._link) carries what the main socket
+        # would; heartbeats still go over zmq to ``url``.
+        self._link = link
+        self._inbox: list[list] = []  # messages read from the link, not yet served
         self.identity = b""
         self.registered = threading.Event()
         self._stopping = False
@@ -98,6 +103,8 @@ class WorkerLoop:
                 self._serve()
         except _Stop:
             pass
+        except LinkClosed:  # a local link's broker is gone, and with it everything we served
+            log.info("worker %s: the broker closed our link; stopping", self.name)
         finally:
             self._disconnect()
         if self.error is not None:
@@ -106,27 +113,54 @@ class WorkerLoop:
     # --- registration -----------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        """A fresh socket and identity, then READY (repeated until the broker answers)."""
+        """A fresh socket and identity (or the local link), then READY (repeated until the broker answers)."""
         self.host.close_all()
         self._close_socket()
         self.registered.clear()
         self._reconnect.clear()
-        self.identity = b"W" + os.urandom(15)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        apply_curve_client(sock, self._curve)
-        sock.connect(resolve_endpoint(self.url, context=self._ctx))  # ws(s):// via the gateway
-        self._sock = sock
         ready_header = {
             "v": p.PROTOCOL_VERSION, "envs": self.host.served(), "capacity": self.host.capacity,
             "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
         }
         if self._api_key:
             ready_header["key"] = self._api_key
-        ready = p.encode_header(ready_header)
-        sock.send_multipart([p.worker_frame(W.READY), ready])
+        ready = [p.worker_frame(W.READY), p.encode_header(ready_header)]
+        if self._link is not None:  # the broker names us in WELCOME
+            self._send(ready)
+        else:
+            self.identity = b"W" + os.urandom(15)
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, self.identity)
+            apply_curve_client(sock, self._curve)
+            sock.connect(resolve_endpoint(self.url, context=self._ctx))  # ws(s):// via the gateway
+            self._sock = sock
+            sock.send_multipart(ready)
         log.info("worker %s: READY sent to %s", self.name, self.url)
+
+    def _send(self, frames: list, copy: bool = True) -> None:
+        if self._link is not None:
+            self._link.send_all(frames)
+        else:
+            assert self._sock is not None
+            send_frames(self._sock.send, frames, copy=copy)
+
+    def _receive(self) -> list | None:
+        """The next message, or None when none came within a heartbeat."""
+        if self._link is not None:
+            if not self._inbox:
+                self._inbox = self._link.wait(self.heartbeat)
+                if not self._inbox:
+                    return None
+                self._inbox.reverse()
+            return self._inbox.pop()
+        assert self._sock is not None
+        try:
+            frame0 = self._sock.recv()
+        except zmq.Again:
+            return None
+        # Signature, client id and header as bytes; array frames as zmq.Frame (no copy).
+        return recv_frames(self._sock, 3, frame0)
 
     def _welcome(self, frames: list) -> None:
         header = p.decode_header(frames[1])
@@ -146,39 +180,33 @@ class WorkerLoop:
     # --- serving --------------------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        host = self.host
-        # Block in recv for at most a heartbeat, so stop and reconnect flags are seen.
-        sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.heartbeat * 1000)))
-        recv, send = sock.recv, sock.send
+        if self._sock is not None:
+            # Block in recv for at most a heartbeat, so stop and reconnect flags are seen.
+            self._sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.heartbeat * 1000)))
+        host, receive, send = self.host, self._receive, self._send
         reconnect = self._reconnect.is_set
         deadline = time.monotonic() + self.heartbeat * self.liveness
         while not self._stopping and not reconnect():
             self._in_poll = True
             try:
-                frame0 = recv()
-            except zmq.Again:
+                frames = receive()
+            finally:
+                self._in_poll = False
+            if frames is None:
                 if not self.registered.is_set() and time.monotonic() > deadline:
                     log.warning("worker %s: no answer from broker %s; sending READY again", self.name, self.url)
                     return
                 continue
-            finally:
-                self._in_poll = False
-            # Signature, client id and header as bytes; array frames as zmq.Frame (no copy).
-            frames = recv_frames(sock, 3, frame0)
-            if frame0 == _CALL and len(frames) >= 3:
+            if frames[0] == _CALL and len(frames) >= 3:
                 client = frames[1]
                 header, out = host.call(client, frames[2], frames, 3)
                 # Small replies: copy=True is cheaper; big arrays: no copy (the arrays are
                 # fresh per reply, so nothing changes them while zmq sends).
-                send_frames(send, [_REPLY, client, header, *out], copy=not out)
+                send([_REPLY, client, header, *out], copy=not out)
             else:
-                self._control(frame0, frames)
+                self._control(frames[0], frames)
 
     def _control(self, frame0: bytes, frames: list) -> None:
-        sock = self._sock
-        assert sock is not None
         kind, command = p.signature(frame0)
         if kind != "rl-worker":
             log.warning("worker %s: ignoring a message with signature %r", self.name, frame0[:8])
@@ -187,7 +215,7 @@ class WorkerLoop:
             if command == W.OPEN:
                 client = frames[1]
                 reply = self.host.open(client, p.decode_header(frames[2]))
-                sock.send_multipart([p.worker_frame(W.OPENED), client, p.encode_header(reply)])
+                self._send([p.worker_frame(W.OPENED), client, p.encode_header(reply)])
             elif command == W.CLOSE:
                 header = p.decode_header(frames[2])
                 self.host.close(frames[1], header.get("slots") or [])
@@ -197,7 +225,7 @@ class WorkerLoop:
                 ok, msg = self.host.register(spec)
                 if not ok:
                     log.warning("worker %s: refused to register %r: %s", self.name, spec.get("id"), msg)
-                sock.send_multipart([p.worker_frame(W.REGISTERED), p.encode_header(
+                self._send([p.worker_frame(W.REGISTERED), p.encode_header(
                     {"r": header.get("r"), "id": spec.get("id"), "ok": ok, "msg": msg})])
             elif command == W.WELCOME:
                 self._welcome(frames)
@@ -268,13 +296,22 @@ class WorkerLoop:
 
     def _disconnect(self) -> None:
         self._stopping = True
-        if self._sock is not None and self.registered.is_set():
+        if self.registered.is_set():
             try:
-                self._sock.send_multipart([p.worker_frame(W.DISCONNECT)], zmq.NOBLOCK)
-            except zmq.ZMQError:
+                if self._link is not None:
+                    self._link.send([p.worker_frame(W.DISCONNECT)])  # best effort: no wait
+                elif self._sock is not None:
+                    self._sock.send_multipart([p.worker_frame(W.DISCONNECT)], zmq.NOBLOCK)
+            except (zmq.ZMQError, LinkClosed):
                 pass
         self.host.close_all()
         self._close_socket(linger_ms=500)
+        if self._link is not None:
+            try:
+                self._link.flush()
+            except LinkClosed:
+                pass
+            self._link.close()
         if self._hb_thread is not None:
             self._hb_thread.join(2.0)
         log.info("worker %s stopped", self.name)

@@ -43,6 +43,7 @@ class WorkerSpec:
     log_level: int = logging.WARNING
     api_key: str | None = None  # never logged
     curve_serverkey: str | None = None
+    link_fd: int | None = None  # one end of a local link to an embedded broker (remoterl._link)
 
 
 def split_capacity(n: int, procs: int) -> list[int]:
@@ -62,9 +63,16 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
         logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import_modules(spec.imports)
     allow = None if spec.allow_import is None else [*spec.imports, *spec.allow_import]
+    link = None
+    if spec.link_fd is not None:
+        import socket
+
+        from remoterl._link import Link
+
+        link = Link(socket.socket(fileno=spec.link_fd))
     loop = WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity, allow_import=allow),
                       heartbeat=spec.heartbeat, liveness=spec.liveness, name=spec.name, api_key=spec.api_key,
-                      curve_serverkey=spec.curve_serverkey)
+                      curve_serverkey=spec.curve_serverkey, link=link)
 
     def _stop(signum: int, _frame: object) -> None:
         loop.stop()
