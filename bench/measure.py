@@ -238,9 +238,10 @@ class Session:
 
     def client(self, url: str) -> Any:
         """A new connected client (closed with its broker, or at the end of the case)."""
-        from remoterl import Client
+        from remoterl.transport import connect_client
 
-        client = Client(url, name="bench").connect()
+        # As remoterl.init() does: a LocalClient for the embedded broker's thread.
+        client = connect_client(url, name="bench")
         self._clients.setdefault(url, []).append(client)
         return client
 

@@ -161,7 +161,7 @@ def get_client(broker: str | None = None) -> Any:
     Raises:
         BrokerUnavailableError: no broker configured, or none answers.
     """
-    from remoterl.transport import Client, LocalClient
+    from remoterl.transport import connect_client
 
     url = broker or (_settings.broker if _settings is not None else None) or os.environ.get("REMOTERL_BROKER")
     if not url:
@@ -174,22 +174,9 @@ def get_client(broker: str | None = None) -> Any:
         if client is None or client._closed:
             timeout = _settings.timeout if _settings is not None else 60.0
             api_key = _settings.api_key if _settings is not None else os.environ.get("REMOTERL_API_KEY")
-            local = _in_process_broker(url)
-            if local is not None:  # the embedded broker's thread: no socket hop to it
-                client = LocalClient(local, url, timeout=timeout, api_key=api_key or None).connect()
-            else:
-                client = Client(url, timeout=timeout, api_key=api_key or None).connect()
+            client = connect_client(url, timeout=timeout, api_key=api_key or None)
             _clients[key] = client
         return client
-
-
-def _in_process_broker(url: str) -> Any:
-    """The broker running in this process at ``url`` (an ``inproc://`` endpoint), or None.
-
-    Never imports the broker package: only a process that started a broker has one.
-    """
-    loop = sys.modules.get("remoterl.broker.loop")
-    return loop.in_process(url) if loop is not None and url.startswith("inproc://") else None
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -20,6 +20,7 @@ import collections
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from remoterl.protocol import ClientCommand as C
 from remoterl.security import apply_curve_client, curve_serverkey_from_env
 from remoterl.wsgateway import resolve_endpoint
 
-__all__ = ["Client", "LocalClient", "Opened"]
+__all__ = ["Client", "LocalClient", "Opened", "connect_client"]
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +396,25 @@ class Client:
             log.exception("client heartbeat thread failed")
         finally:
             sock.close(0)
+
+
+def connect_client(url: str, **kwargs: Any) -> Client:
+    """A connected client for ``url``: a :class:`LocalClient` when a broker of this process
+    is bound there (the embedded default's ``inproc://`` endpoint), else a :class:`Client`.
+
+    Args:
+        **kwargs: as for :class:`Client`.
+    """
+    local = _in_process_broker(url)
+    if local is not None:  # the broker's thread is ours: no socket hop to it
+        return LocalClient(local, url, **kwargs).connect()
+    return Client(url, **kwargs).connect()
+
+
+def _in_process_broker(url: str) -> Any:
+    # Never imports the broker package: only a process that started a broker has one.
+    loop = sys.modules.get("remoterl.broker.loop")
+    return loop.in_process(url) if loop is not None and url.startswith("inproc://") else None
 
 
 class LocalClient(Client):
