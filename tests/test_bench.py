@@ -92,3 +92,13 @@ def test_options(run):
     args = run.parse_args(["--quick", "--case", "latency", "--num-envs", "2,4", "--pin", "0"])
     assert args.cases == ["latency"] and args.num_envs == (2, 4) and args.duration < 1
     assert run._cpus("0,2-3") == {0, 2, 3}
+
+
+def test_timeline_stamps_steps_in_order():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "timeline.py"), "--steps", "100"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=3 * T)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    lines = proc.stdout.splitlines()
+    stamped = int(lines[0].split(": ")[1].split()[0])
+    assert stamped >= 50, proc.stdout  # most steps stamped in the expected order
+    assert "call → call done" in proc.stdout and "whole step" in lines[-1]
