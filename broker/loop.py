@@ -5,31 +5,41 @@ the core's next deadline; all decisions are the core's. It stops when :meth:`Bro
 is called from any thread (or a signal handler), tells the workers it is leaving,
 and closes its socket.
 
-Theory of operation: in-process peers
--------------------------------------
-A broker that runs in a thread of a trainer (the embedded default) also serves
-*in-process peers*: clients of the same process that skip their own socket. Such a
-client hands its frames straight to the core and, while it waits for a reply, runs
-this loop itself in its own thread. Per step that saves the two thread wake-ups of a
-hop through the broker's thread (trainer → broker thread → worker and back), which
-on two cores cost about as much as the worker's whole reply (``bench/README.md``).
+Theory of operation: in-process peers and local links
+-----------------------------------------------------
+A broker that runs in a thread of a trainer (the embedded default) takes two
+shortcuts; both carry the same messages as the socket, and the core cannot tell.
 
-The socket and the core belong to whichever thread holds :attr:`Broker._loop` (a
-lock): the broker's own thread, or an in-process peer inside :meth:`Broker.driving`.
-A peer that finds the broker's thread asleep in ``poll`` wakes it through an
-eventfd that the poll also watches. The broker's thread does not take the loop back
-while a peer is inside ``driving`` or left it less than :data:`LINGER` ago, so a
-trainer stepping back to back keeps the loop from one step to the next and never
-pays that wake-up; once it pauses for longer (a gradient update), the broker's
-thread serves everyone else again. Messages for an in-process peer are handed to
-its ``deliver`` function (in the thread that runs the loop at the time) instead of
-being sent.
+*In-process peers.* A client of the same process (``remoterl.transport.LocalClient``)
+skips its own socket: it hands its frames straight to the core (:meth:`Broker.submit`)
+and, while it waits for a reply, runs this loop itself in its own thread
+(:meth:`Broker.serve`). Per step that saves the two thread wake-ups of a hop through
+the broker's thread. The socket and the core belong to whichever thread holds
+:attr:`Broker._loop` (a lock): the broker's own thread, or a peer inside
+:meth:`Broker.driving`. A peer that finds the broker's thread asleep in ``poll``
+wakes it through an fd that the poll also watches (an eventfd; a pipe off Linux).
+The broker's thread does not take the loop back while a peer is inside ``driving``
+or left it less than :data:`LINGER` ago, so a trainer stepping back to back keeps
+the loop from one step to the next and never pays that wake-up; once it pauses for
+longer (a gradient update), the broker's thread serves everyone else again.
+Messages for an in-process peer go to its ``deliver`` function, in whichever thread
+runs the loop at the time.
+
+*Local links.* A worker process started by the trainer talks to the broker over one
+end of a socketpair (:meth:`Broker.add_link`, ``remoterl._link``) instead of zmq,
+whose I/O threads would add two wake-ups on each side of every message. The link's
+fd sits in the same poll; writes that the kernel does not take at once wait in the
+link's queue until the fd is writable, so a busy worker never blocks the loop. A
+closed link purges its worker at once.
+
+``bench/timeline.py`` shows where a step's time goes on this path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -101,9 +111,11 @@ class Broker:
         self._drivers_lock = threading.Lock()
         self._driving = _Driving(self)
         self._released = 0.0  # when the last one left
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        # Closed with the object, never before: a peer may still write to it after stop().
-        weakref.finalize(self, os.close, self._wake)
+        # What an in-process peer writes to wake the broker's thread from poll (an eventfd on
+        # Linux, a pipe elsewhere). Closed with the object, never before: a peer may still
+        # write to it after stop().
+        self._wake, self._wake_write = _waker()
+        weakref.finalize(self, _close_fds, {self._wake, self._wake_write})
         self._idle = threading.Event()  # set by stop(): ends the broker thread's lingering
         # Local links (remoterl._link): peer id -> link, and the link's fd -> peer id.
         self._links: dict[bytes, Link] = {}
@@ -187,7 +199,7 @@ class Broker:
         assert sock is not None
         events = self._poll.poll(max(timeout, 0.0) * 1000.0)
         if events:
-            for target, _ in events:  # (socket or fd, events)
+            for target, flags in events:  # (socket or fd, poll flags)
                 if target is sock:
                     # Routing id, signature and the next two frames (worker/client id, header)
                     # as bytes (cheaper for small frames); payload frames as zmq.Frame (no copy).
@@ -199,12 +211,9 @@ class Broker:
                     core.receive(sender, frames, time.monotonic())
                     self._flush()
                 elif target == self._wake:  # an in-process peer wants the loop: just leave poll
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
+                    _drain(self._wake)
                 else:
-                    self._on_link(target, _)
+                    self._on_link(target, flags)
         core.tick(time.monotonic())
         self._flush()
 
@@ -304,7 +313,7 @@ class Broker:
         with self._drivers_lock:
             self._drivers += 1
         if not self._loop.acquire(blocking=False):
-            os.eventfd_write(self._wake, 1)  # the broker's thread sleeps in poll: wake it
+            _wake(self._wake_write)  # the broker's thread sleeps in poll: wake it
             self._loop.acquire()
         if self._sock is None:
             self._give_loop()
@@ -339,6 +348,40 @@ class Broker:
             self._sock.close()
             self._sock = None
         log.info("broker %s stopped", self.core.instance)
+
+
+def _waker() -> tuple[int, int]:
+    """A readable fd and the fd that makes it readable: one eventfd on Linux, else a pipe."""
+    if hasattr(os, "eventfd"):
+        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd, fd
+    read, write = os.pipe()
+    for fd in (read, write):
+        os.set_blocking(fd, False)
+    return read, write
+
+
+_ONE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds this number; a pipe takes 8 bytes
+
+
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, _ONE)
+    except BlockingIOError:
+        pass  # already readable: enough to wake the poll
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _close_fds(fds: set[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 class _Driving:
