@@ -141,6 +141,8 @@ class Broker:
         self._poll = zmq.Poller()
         self._poll.register(sock, zmq.POLLIN)
         self._poll.register(self._wake, zmq.POLLIN)
+        self._poll_poll = self._poll.poll
+        self._hot = (sock, sock.recv, sock.getsockopt, self.core.receive)
         for endpoint in self.also:
             if endpoint.startswith("inproc://"):
                 _in_process[endpoint] = self
@@ -175,7 +177,7 @@ class Broker:
         try:
             while not self._stopping:
                 # An in-process peer stepping back to back keeps the loop (module docstring).
-                while self._drivers or (wait := self._released + LINGER - monotonic()) > 0:
+                while self._drivers or (self._released and (wait := self._released + LINGER - monotonic()) > 0):
                     if self._idle.wait(LINGER if self._drivers else wait):
                         break
                 if self._stopping:
@@ -195,27 +197,23 @@ class Broker:
         The caller holds the loop: the broker's own thread, or an in-process peer inside
         :meth:`driving`.
         """
-        sock, core = self._sock, self.core
-        assert sock is not None
-        events = self._poll.poll(max(timeout, 0.0) * 1000.0)
-        if events:
-            for target, flags in events:  # (socket or fd, poll flags)
-                if target is sock:
-                    # Routing id, signature and the next two frames (worker/client id, header)
-                    # as bytes (cheaper for small frames); payload frames as zmq.Frame (no copy).
-                    recv, more = sock.recv, sock.getsockopt
-                    sender = recv()
-                    frames = []
-                    while more(_RCVMORE):
-                        frames.append(recv(copy=len(frames) < 3))
-                    core.receive(sender, frames, time.monotonic())
-                    self._flush()
-                elif target == self._wake:  # an in-process peer wants the loop: just leave poll
-                    _drain(self._wake)
-                else:
-                    self._on_link(target, flags)
-        core.tick(time.monotonic())
-        self._flush()
+        sock, recv, more, receive = self._hot  # bound once in bind(): the per-message path
+        for target, flags in self._poll_poll(max(timeout, 0.0) * 1000.0):  # (socket or fd, poll flags)
+            if target is sock:
+                # Routing id, signature and the next two frames (worker/client id, header)
+                # as bytes (cheaper for small frames); payload frames as zmq.Frame (no copy).
+                sender = recv()
+                frames = []
+                while more(_RCVMORE):
+                    frames.append(recv(copy=len(frames) < 3))
+                receive(sender, frames, time.monotonic())
+            elif target == self._wake:  # an in-process peer wants the loop: just leave poll
+                _drain(self._wake)
+            else:
+                self._on_link(target, flags)
+        self.core.tick(time.monotonic())
+        if self.core._out:
+            self._flush()
 
     def _flush(self) -> None:
         # copy=True sends bytes by copying (fast for small frames) and zmq.Frame objects
@@ -270,7 +268,6 @@ class Broker:
             if events & (_POLLIN | _POLLERR):
                 for frames in link.receive():
                     self.core.receive(peer, frames, time.monotonic())
-                self._flush()
         except LinkClosed:
             self._drop_link(peer, "its link closed")
         except ProtocolError as exc:
