@@ -104,7 +104,7 @@ def _trainer(args: argparse.Namespace) -> None:
         actions = [envs.action_space.sample() for _ in range(64)]
         for i in range(200):  # warm up
             envs.step(actions[i % 64])
-        send, take, poll = Link.send, client._take, broker._poll.poll
+        send, take, poll = Link.send, client._take, broker._poll_poll
 
         def stamped_send(self: Link, frames: list) -> None:
             send(self, frames)
@@ -119,14 +119,14 @@ def _trainer(args: argparse.Namespace) -> None:
             _stamp("trainer woke")
             return events
 
-        Link.send, client._take, broker._poll.poll = stamped_send, stamped_take, stamped_poll  # type: ignore
+        Link.send, client._take, broker._poll_poll = stamped_send, stamped_take, stamped_poll  # type: ignore
         STAMPS.clear()
         for i in range(args.steps):
             _stamp("step")
             envs.step(actions[i % 64])
             _stamp("step done")
         trainer_stamps = list(STAMPS)
-        Link.send, client._take, broker._poll.poll = send, take, poll  # type: ignore[method-assign]
+        Link.send, client._take, broker._poll_poll = send, take, poll  # type: ignore[method-assign]
         envs.close()
         client.close()
     finally:
