@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import gymnasium
-from conftest import assert_same, process_group, free_url, start_broker, start_worker, status, wait_for
+from conftest import (HEARTBEAT, LIVENESS, assert_same, process_group, free_url, start_broker, start_worker,
+                      status, wait_for)
 from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import NormalizeObservation, RecordEpisodeStatistics, TimeLimit
 
@@ -22,8 +23,20 @@ from remoterl import BrokerUnavailableError, EnvClosedError, InvalidActionError,
 SERVED = ["CartPole-v1", "Pendulum-v1"]
 
 
-@pytest.fixture(scope="module")
-def url():
+@pytest.fixture(scope="module", params=["tcp", "embedded"])
+def url(request):
+    """A broker and a worker for the whole module: processes on tcp, and the embedded default."""
+    if request.param == "embedded":
+        from remoterl.embedded import Embedded
+
+        embedded = Embedded(1, 8, heartbeat=HEARTBEAT, liveness=LIVENESS)
+        try:
+            embedded.start()
+            yield embedded.local_url
+        finally:
+            remoterl.shutdown()
+            embedded.stop()
+        return
     broker_url = free_url()
     with process_group() as start:
         try:
@@ -170,6 +183,9 @@ def test_unknown_env_id_says_what_is_served(url):
     with pytest.raises(NoWorkerError) as info:
         RemoteEnv("NoSuchEnv-v0", broker=url)
     message = str(info.value)
+    if url.startswith("inproc://"):  # the embedded workers serve whatever gymnasium has registered
+        assert "NoSuchEnv-v0" in message and "gymnasium.register" in message
+        return
     assert "NoSuchEnv-v0" in message and "remoterl-worker" in message
     assert all(env_id in message for env_id in SERVED)
 

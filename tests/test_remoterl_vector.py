@@ -16,7 +16,8 @@ import pytest
 
 import gymnasium
 import remoterl_test_envs  # noqa: F401  (registers DictObsEnv-v0 and RaisingEnv-v0 here too)
-from conftest import assert_same, process_group, T, free_url, start_broker, start_worker, status, wait_for
+from conftest import (HEARTBEAT, LIVENESS, assert_same, process_group, T, free_url, start_broker, start_worker,
+                      status, wait_for)
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
@@ -30,9 +31,21 @@ STEPS = 200
 ENV_KWARGS = {"Pendulum-v1": {"max_episode_steps": 50}}
 
 
-@pytest.fixture(scope="module")
-def url():
-    """A broker and two workers (16 slots each) serving SERVED, for the whole module."""
+@pytest.fixture(scope="module", params=["tcp", "embedded"])
+def url(request):
+    """A broker and two workers (16 slots each) serving SERVED, for the whole module: once as
+    processes on tcp, once as the embedded default (broker thread, workers on local links)."""
+    if request.param == "embedded":
+        from remoterl.embedded import Embedded
+
+        embedded = Embedded(2, 16, heartbeat=HEARTBEAT, liveness=LIVENESS, imports=["remoterl_test_envs"])
+        try:
+            embedded.start()
+            yield embedded.local_url
+        finally:
+            remoterl.shutdown()
+            embedded.stop()
+        return
     broker_url = free_url()
     with process_group() as start:
         try:

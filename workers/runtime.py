@@ -182,6 +182,11 @@ class SlotHost:
             reply["error"] = _env_error(exc, f"could not make {env_id!r} with kwargs {kwargs!r}")
             if isinstance(exc, gymnasium.error.UnregisteredEnv):
                 reply["error"]["code"] = "no_worker"
+                if self.env_ids is None:  # serving "*": say how an id becomes served here
+                    reply["error"]["msg"] += (
+                        " This worker serves every env id registered in gymnasium in its process: "
+                        "register it in the trainer after remoterl.init() (gymnasium.register(id=..., "
+                        "entry_point='package.module:Class')), or import its module in the worker.")
             return reply
         for slot in created:
             self.slots[slot.id] = slot
