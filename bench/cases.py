@@ -56,10 +56,10 @@ def case_latency(session: Session, note: Callable[[str], None]) -> Iterator[Figu
     from remoterl import RemoteEnv
 
     opts = session.options
-    # The default (broker thread, trainer on inproc) and, unless --broker, the floor's own
-    # topology: the broker in its own process, tcp on both hops.
+    # The default (broker thread driven by the trainer, worker on a local link) and, unless
+    # --broker, the floor's own topology: the broker in its own process, tcp on both hops.
     setups = {"--broker": opts.workers} if session.external else {
-        "embedded broker thread, inproc": (opts.workers, 256, "thread"), "broker process, tcp": _PROCESS_BROKER}
+        "embedded: broker thread, local link": (opts.workers, 256, "thread"), "broker process, tcp": _PROCESS_BROKER}
     with contextlib.ExitStack() as stack:
         timers: dict[str, Callable[[], float]] = {}
         size = 0
