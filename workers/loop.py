@@ -118,6 +118,7 @@ class WorkerLoop:
         self._close_socket()
         self.registered.clear()
         self._reconnect.clear()
+        self._inbox = []  # calls of the session that ended die with it
         ready_header = {
             "v": p.PROTOCOL_VERSION, "envs": self.host.served(), "capacity": self.host.capacity,
             "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
@@ -140,7 +141,10 @@ class WorkerLoop:
 
     def _send(self, frames: list, copy: bool = True) -> None:
         if self._link is not None:
-            self._link.send_all(frames)
+            try:
+                self._link.send_all(frames, timeout=self.heartbeat * self.liveness)
+            except TimeoutError as exc:  # the broker stopped reading: as good as gone
+                raise LinkClosed(f"the broker has not read our link for {self.heartbeat * self.liveness:g} s") from exc
         else:
             assert self._sock is not None
             send_frames(self._sock.send, frames, copy=copy)
