@@ -168,14 +168,9 @@ class Link:
             rest = self._scratch[self._start:self._end]
             self._scratch[:len(rest)] = rest
             self._start, self._end = 0, len(rest)
-        try:
-            n = self.sock.recv_into(memoryview(self._scratch)[self._end:])
-        except (BlockingIOError, InterruptedError):
+        n = self._recv_into(memoryview(self._scratch)[self._end:])
+        if not n:
             return []
-        except OSError as exc:
-            raise LinkClosed(f"link closed: {exc}") from exc
-        if n == 0:
-            raise LinkClosed("the other end closed the link")
         self._end += n
         messages = []
         scratch = self._scratch
@@ -205,17 +200,28 @@ class Link:
         assert big is not None
         view = memoryview(big)
         while self._big_got < len(big):  # as far as the writer got: fewer polls per message
-            try:
-                n = self.sock.recv_into(view[self._big_got:])
-            except (BlockingIOError, InterruptedError):
+            n = self._recv_into(view[self._big_got:])
+            if not n:
                 return []
-            except OSError as exc:
-                raise LinkClosed(f"link closed: {exc}") from exc
-            if n == 0:
-                raise LinkClosed("the other end closed the link")
             self._big_got += n
         self._big = None
         return [_parse(big)]
+
+    def _recv_into(self, view: memoryview) -> int:
+        """Bytes read into ``view`` (not empty); 0 when none are there now.
+
+        Raises:
+            LinkClosed: the other end closed the link.
+        """
+        try:
+            n = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise LinkClosed(f"link closed: {exc}") from exc
+        if n == 0:
+            raise LinkClosed("the other end closed the link")
+        return n
 
     def wait(self, timeout: float | None) -> list[list[Any]]:
         """Block until at least one message is complete or ``timeout`` seconds pass (the worker's recv).

@@ -123,6 +123,23 @@ def process_group():
             proc.stop()
 
 
+@contextlib.contextmanager
+def embedded_broker(num_workers: int, slots_per_worker: int, imports: tuple[str, ...] = ()):
+    """The embedded default (broker thread, workers on local links) with fast heartbeats;
+    yields the URL this process reaches it at. ``remoterl.shutdown()`` runs on exit, so this
+    process's cached clients for it are closed first."""
+    import remoterl
+    from remoterl.embedded import Embedded
+
+    embedded = Embedded(num_workers, slots_per_worker, heartbeat=HEARTBEAT, liveness=LIVENESS, imports=list(imports))
+    try:
+        embedded.start()
+        yield embedded.local_url
+    finally:
+        remoterl.shutdown()
+        embedded.stop()
+
+
 @pytest.fixture
 def procs():
     """Start CLI processes; all are stopped (SIGTERM, then SIGKILL) at teardown."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gymnasium
-from conftest import (HEARTBEAT, LIVENESS, assert_same, process_group, free_url, start_broker, start_worker,
+from conftest import (assert_same, embedded_broker, process_group, free_url, start_broker, start_worker,
                       status, wait_for)
 from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import NormalizeObservation, RecordEpisodeStatistics, TimeLimit
@@ -27,15 +27,8 @@ SERVED = ["CartPole-v1", "Pendulum-v1"]
 def url(request):
     """A broker and a worker for the whole module: processes on tcp, and the embedded default."""
     if request.param == "embedded":
-        from remoterl.embedded import Embedded
-
-        embedded = Embedded(1, 8, heartbeat=HEARTBEAT, liveness=LIVENESS)
-        try:
-            embedded.start()
-            yield embedded.local_url
-        finally:
-            remoterl.shutdown()
-            embedded.stop()
+        with embedded_broker(1, 8) as local_url:
+            yield local_url
         return
     broker_url = free_url()
     with process_group() as start:

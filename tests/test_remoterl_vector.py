@@ -16,7 +16,7 @@ import pytest
 
 import gymnasium
 import remoterl_test_envs  # noqa: F401  (registers DictObsEnv-v0 and RaisingEnv-v0 here too)
-from conftest import (HEARTBEAT, LIVENESS, assert_same, process_group, T, free_url, start_broker, start_worker,
+from conftest import (assert_same, embedded_broker, process_group, T, free_url, start_broker, start_worker,
                       status, wait_for)
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
@@ -36,15 +36,8 @@ def url(request):
     """A broker and two workers (16 slots each) serving SERVED, for the whole module: once as
     processes on tcp, once as the embedded default (broker thread, workers on local links)."""
     if request.param == "embedded":
-        from remoterl.embedded import Embedded
-
-        embedded = Embedded(2, 16, heartbeat=HEARTBEAT, liveness=LIVENESS, imports=["remoterl_test_envs"])
-        try:
-            embedded.start()
-            yield embedded.local_url
-        finally:
-            remoterl.shutdown()
-            embedded.stop()
+        with embedded_broker(2, 16, ("remoterl_test_envs",)) as local_url:
+            yield local_url
         return
     broker_url = free_url()
     with process_group() as start:
