@@ -93,7 +93,7 @@ class Embedded:
             self.url = line
         for i in range(self.num_workers):
             args = [self.url, str(self.slots_per_worker), f"embedded-{i}"]
-            if self._broker_thread is not None:
+            if self._broker_thread is not None and os.name == "posix":
                 # A local link carries the worker's messages (heartbeats still use tcp): the
                 # kernel wakes the reader directly, where zmq goes through two I/O threads.
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
