@@ -481,3 +481,32 @@ def test_broker_stop_fails_a_waiting_local_client(in_process):
     with pytest.raises(RemoteRLError, match="stopped"):  # its slots are lost with the broker
         env.step(np.array([0]))
     local.close()
+
+
+@pytest.mark.parametrize("how", ["closed", "garbled"])
+def test_linked_worker_stops_when_its_link_ends(how):
+    import socket
+    import struct
+
+    from remoterl._link import Link
+    from remoterl.protocol import WorkerCommand as W
+    from remoterl.workers.loop import WorkerLoop
+    from remoterl.workers.runtime import SlotHost
+
+    ours, theirs = socket.socketpair()
+    # Heartbeats go to a port nobody serves: only the link matters here.
+    loop = WorkerLoop("tcp://127.0.0.1:9", SlotHost(["CartPole-v1"], 2), heartbeat=HEARTBEAT, link=Link(theirs))
+    runner = threading.Thread(target=loop.run, daemon=True)
+    runner.start()
+    broker_end = Link(ours)
+    (ready,) = broker_end.wait(T)
+    assert ready[0] == p.worker_frame(W.READY)
+    if how == "closed":
+        broker_end.close()
+    else:
+        ours.sendall(struct.pack("<I", 3) + b"bad")  # a body too short to hold a frame count
+    runner.join(T)
+    assert not runner.is_alive(), f"the worker kept running after its link was {how}"
+    assert loop.error is None
+    if how == "garbled":
+        broker_end.close()

@@ -25,7 +25,7 @@ from remoterl import protocol as p
 from remoterl._link import Link, LinkClosed
 from remoterl._process import keep_signals_for_main_thread
 from remoterl._zmqio import recv_frames, send_frames
-from remoterl.errors import LimitExceededError, error_from_wire
+from remoterl.errors import LimitExceededError, ProtocolError, error_from_wire
 from remoterl.security import apply_curve_client, curve_serverkey_from_env
 from remoterl.wsgateway import resolve_endpoint
 from remoterl.protocol import WorkerCommand as W
@@ -153,7 +153,10 @@ class WorkerLoop:
         """The next message, or None when none came within a heartbeat."""
         if self._link is not None:
             if not self._inbox:
-                self._inbox = self._link.wait(self.heartbeat)
+                try:
+                    self._inbox = self._link.wait(self.heartbeat)
+                except ProtocolError as exc:  # garbled: nothing after it can be trusted
+                    raise LinkClosed(f"the link broke: {exc}") from exc
                 if not self._inbox:
                     return None
                 self._inbox.reverse()

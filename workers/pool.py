@@ -69,7 +69,8 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
 
         from remoterl._link import Link
 
-        link = Link(socket.socket(fileno=spec.link_fd))
+        # Our own broker's messages: its core already checked their size against its limit.
+        link = Link(socket.socket(fileno=spec.link_fd), max_message_size=1 << 62)
     loop = WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity, allow_import=allow),
                       heartbeat=spec.heartbeat, liveness=spec.liveness, name=spec.name, api_key=spec.api_key,
                       curve_serverkey=spec.curve_serverkey, link=link)
