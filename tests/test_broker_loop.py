@@ -513,3 +513,23 @@ def test_linked_worker_stops_when_its_link_ends(how):
     assert loop.error is None
     if how == "garbled":
         broker_end.close()
+
+
+def test_link_worker_killed_during_a_wait_fails_the_wait():
+    from remoterl import RemoteEnvVec
+
+    slow_heartbeats = InProcessBroker(heartbeat=5.0, liveness=3)  # the link must tell, not heartbeats
+    try:
+        proc = slow_heartbeats.link_worker("doomed")
+        local = slow_heartbeats.local_client()
+        env = RemoteEnvVec("SleepyEnv-v0", 1, client=local, delay=5.0)
+        env.reset()
+        env.step_async(np.array([0]))
+        killer = threading.Timer(0.2, proc.kill)
+        killer.start()
+        with pytest.raises(WorkerLostError):
+            env.step_wait()  # the local client holds the loop and sees the link close
+        killer.join(T)
+        local.close()
+    finally:
+        slow_heartbeats.close()
