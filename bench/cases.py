@@ -112,7 +112,7 @@ def case_throughput(session: Session, note: Callable[[str], None]) -> Iterator[F
                 "Async": vector_stepper(closing(stack, local_vector("async", env_id, n))),
             }
             remotes = {}
-            if n == 8 and opts.workers > 1:
+            if n in (8, 64) and opts.workers > 1:
                 # Opened first: the broker places it on the least-loaded workers, all idle now.
                 remotes[opts.workers] = closing(stack, RemoteEnvVec(env_id, n, client=client,
                                                                      max_workers=opts.workers))

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "bench/run.py") -> arg
                         help="vector sizes for the throughput case, comma-separated "
                              "(default: 1,8,64; 1,8 with --quick)")
     parser.add_argument("--workers", type=int, default=2,
-                        help="embedded workers; the throughput case also spreads 8 envs over this many "
+                        help="embedded workers; the throughput case also spreads 8 and 64 envs over this many "
                              "(default: %(default)s)")
     parser.add_argument("--broker", default=None, metavar="URL",
                         help="use this broker (its workers already attached) instead of an embedded one")
