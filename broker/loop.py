@@ -212,8 +212,7 @@ class Broker:
             else:
                 self._on_link(target, flags)
         self.core.tick(time.monotonic())
-        if self.core._out:
-            self._flush()
+        self._flush()
 
     def _flush(self) -> None:
         # copy=True sends bytes by copying (fast for small frames) and zmq.Frame objects
@@ -235,7 +234,7 @@ class Broker:
                     broken = [*(broken or ()), peer]
                     continue
                 if link.wants_write:
-                    self._poll.modify(link.fileno(), zmq.POLLIN | zmq.POLLOUT)
+                    self._poll.modify(link.fileno(), _POLLIN | _POLLOUT)
             else:
                 send_frames(send, msg)
         for peer in broken or ():

@@ -99,15 +99,15 @@ class Link:
         """
         views = [f if type(f) is bytes else memoryview(f).cast("B") for f in frames]
         lengths = [len(v) for v in views]
-        count = len(lengths)
+        count, size = len(lengths), sum(lengths)
         head_struct = _HEADS.get(count) or _head_struct(count)
-        head = head_struct.pack(4 + 4 * count + sum(lengths), count, *lengths)
+        head = head_struct.pack(4 + 4 * count + size, count, *lengths)
         if self._queue:  # keep the order: behind what is already waiting
             self._queue.append(memoryview(head))
             self._queue.extend(memoryview(v) for v in views if len(v))
             return
         buffers = [head, *views]
-        total = len(head) + sum(lengths)
+        total = len(head) + size
         try:
             sent = self.sock.sendmsg(buffers) if len(buffers) <= _MAX_IOV else 0
         except (BlockingIOError, InterruptedError):
