@@ -124,6 +124,40 @@ def process_group():
 
 
 @contextlib.contextmanager
+def tcp_broker(workers: int, *worker_args: str):
+    """A broker process and ``workers`` worker processes (``remoterl-worker *worker_args``,
+    named w0, w1, ...) on a free tcp port; yields its URL. ``remoterl.shutdown()`` runs on
+    exit, so this process's cached clients for it are closed first."""
+    import remoterl
+
+    url = free_url()
+    with process_group() as start:
+        try:
+            start_broker(start, url)
+            for i in range(workers):
+                start_worker(start, url, *worker_args, "--procs", "1", "--name", f"w{i}", expect=i + 1)
+            yield url
+        finally:
+            remoterl.shutdown()
+
+
+@contextlib.contextmanager
+def closed_after(url: str):
+    """Yield ``track(obj) -> obj``: every tracked env is closed on exit, then the broker at
+    ``url`` must report no open slot (for fixtures that open envs on a shared broker)."""
+    made: list = []
+
+    def track(obj):
+        made.append(obj)
+        return obj
+
+    yield track
+    for obj in made:
+        obj.close()
+    wait_for(lambda: status(url)["open_slots"] == 0, what="every slot closed after the test")
+
+
+@contextlib.contextmanager
 def embedded_broker(num_workers: int, slots_per_worker: int, imports: tuple[str, ...] = ()):
     """The embedded default (broker thread, workers on local links) with fast heartbeats;
     yields the URL this process reaches it at. ``remoterl.shutdown()`` runs on exit, so this
@@ -156,6 +190,11 @@ def status(url: str) -> dict:
     from remoterl.cli import fetch_status
 
     return fetch_status(url, timeout=T)
+
+
+def worker_calls(url: str) -> dict[str, int]:
+    """Batched calls each worker has served, by worker id (the broker's own counters)."""
+    return {w["id"]: w["calls"] for w in status(url)["workers"]}
 
 
 def start_broker(start, url: str, *extra: str) -> Proc:

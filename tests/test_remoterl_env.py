@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import gymnasium
-from conftest import (assert_same, embedded_broker, process_group, free_url, start_broker, start_worker,
-                      status, wait_for)
+from conftest import assert_same, closed_after, embedded_broker, free_url, status, tcp_broker, wait_for, worker_calls
 from gymnasium.utils.env_checker import check_env
 from gymnasium.wrappers import NormalizeObservation, RecordEpisodeStatistics, TimeLimit
 
@@ -30,31 +29,15 @@ def url(request):
         with embedded_broker(1, 8) as local_url:
             yield local_url
         return
-    broker_url = free_url()
-    with process_group() as start:
-        try:
-            start_broker(start, broker_url)
-            start_worker(start, broker_url, "--env", SERVED[0], "--env", SERVED[1], "-n", "8", "--procs", "1",
-                         expect=1)
-            yield broker_url
-        finally:
-            remoterl.shutdown()  # closes this process's cached client for broker_url
+    with tcp_broker(1, "--env", SERVED[0], "--env", SERVED[1], "-n", "8") as broker_url:
+        yield broker_url
 
 
 @pytest.fixture
 def make_env(url):
     """Open RemoteEnvs on the module's broker; all are closed at teardown."""
-    made: list[RemoteEnv] = []
-
-    def make(env_id: str = "CartPole-v1", **kwargs) -> RemoteEnv:
-        env = RemoteEnv(env_id, broker=url, **kwargs)
-        made.append(env)
-        return env
-
-    yield make
-    for env in made:
-        env.close()
-    wait_for(lambda: status(url)["open_slots"] == 0, what="every slot closed after the test")
+    with closed_after(url) as track:
+        yield lambda env_id="CartPole-v1", **kwargs: track(RemoteEnv(env_id, broker=url, **kwargs))
 
 
 def checker_warnings(env) -> list[str]:
@@ -150,10 +133,6 @@ def test_closed_env(make_env, url):
         env.step(0)
     with pytest.raises(EnvClosedError):
         env.reset()
-
-
-def worker_calls(url: str) -> dict[str, int]:
-    return {w["id"]: w["calls"] for w in status(url)["workers"]}
 
 
 @pytest.mark.parametrize("env_id, action", [

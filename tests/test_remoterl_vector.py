@@ -16,12 +16,10 @@ import pytest
 
 import gymnasium
 import remoterl_test_envs  # noqa: F401  (registers DictObsEnv-v0 and RaisingEnv-v0 here too)
-from conftest import (assert_same, embedded_broker, process_group, T, free_url, start_broker, start_worker,
-                      status, wait_for)
+from conftest import assert_same, closed_after, embedded_broker, status, T, tcp_broker, wait_for, worker_calls
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
-import remoterl
 from remoterl import InvalidActionError, RemoteEnvError, RemoteEnvVec
 
 SERVED = ["CartPole-v1", "Pendulum-v1", "DictObsEnv-v0", "RaisingEnv-v0"]
@@ -39,37 +37,16 @@ def url(request):
         with embedded_broker(2, 16, ("remoterl_test_envs",)) as local_url:
             yield local_url
         return
-    broker_url = free_url()
-    with process_group() as start:
-        try:
-            start_broker(start, broker_url)
-            env_args = [arg for env_id in SERVED for arg in ("--env", env_id)]
-            for i in range(2):
-                start_worker(start, broker_url, "--import", "remoterl_test_envs", *env_args, "-n", "16",
-                             "--procs", "1", "--name", f"w{i}", expect=i + 1)
-            yield broker_url
-        finally:
-            remoterl.shutdown()  # closes this process's cached client for broker_url
+    env_args = [arg for env_id in SERVED for arg in ("--env", env_id)]
+    with tcp_broker(2, "--import", "remoterl_test_envs", *env_args, "-n", "16") as broker_url:
+        yield broker_url
 
 
 @pytest.fixture
 def make_vec(url):
     """Build RemoteEnvVecs on the module's broker; all are closed at teardown."""
-    made: list[RemoteEnvVec] = []
-
-    def make(env_id: str, num_envs: int = NUM_ENVS, **kwargs) -> RemoteEnvVec:
-        vec = RemoteEnvVec(env_id, num_envs, broker=url, **kwargs)
-        made.append(vec)
-        return vec
-
-    yield make
-    for vec in made:
-        vec.close()
-    wait_for(lambda: status(url)["open_slots"] == 0, what="every slot closed after the test")
-
-
-def worker_calls(url: str) -> dict[str, int]:
-    return {w["id"]: w["calls"] for w in status(url)["workers"]}
+    with closed_after(url) as track:
+        yield lambda env_id, num_envs=NUM_ENVS, **kwargs: track(RemoteEnvVec(env_id, num_envs, broker=url, **kwargs))
 
 
 def assert_same_step(remote, local, step: int) -> None:
