@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remoterl import protocol as p
-from remoterl.errors import ProtocolError
+from remoterl.broker.mdpqueue import MdpQueue, MdpRequest
+from remoterl.errors import MessageTooLargeError, ProtocolError
 from remoterl.protocol import ClientCommand as C
 from remoterl.protocol import WorkerCommand as W
 
@@ -78,7 +79,15 @@ class BrokerConfig:
     liveness: int = 3
     max_message_size: int = 64 * 1024 * 1024
     open_timeout: float = 120.0
-    max_queued_requests: int = 10_000
+    # Calls one client may have in flight to one worker; more get a ``limit`` error at once.
+    # A vector env has one in flight per worker; the bound is what keeps a flooding client
+    # from queueing thousands of calls ahead of everyone else's at a shared worker.
+    max_calls_in_flight: int = 64
+    # Majordomo requests waiting for a worker, across all services: a count, a byte budget, and
+    # each client's share of the bytes (clients are served round robin within a service).
+    max_queued_requests: int = 200_000
+    max_queued_bytes: int = 256 * 1024 * 1024
+    max_queued_bytes_per_client: int = 64 * 1024 * 1024
     request_ttl: float = 30.0
     # API keys: key -> tenant. None: open mode (no keys; one tenant, "").
     api_keys: dict[str, str] | None = None
@@ -122,6 +131,7 @@ class RLClient:
     info: dict = field(default_factory=dict)
     slots: set = field(default_factory=set)
     workers: collections.Counter = field(default_factory=collections.Counter)
+    inflight: dict = field(default_factory=dict)  # worker id -> calls forwarded, not yet answered
 
 
 @dataclass(eq=False)
@@ -167,15 +177,16 @@ class MdpWorker:
     version: p.MdpVersion
     empty_prefix: bool
     last_seen: float
-    current: tuple | None = None  # (client id, version, empty_prefix, service) being served
+    current: MdpRequest | None = None  # the request it is serving
     calls: int = 0
 
 
 @dataclass(eq=False)
 class MdpService:
+    """A Majordomo service with workers (its queued requests live in ``BrokerCore.mdp_queue``)."""
+
     name: bytes
     waiting: collections.deque = field(default_factory=collections.deque)
-    requests: collections.deque = field(default_factory=collections.deque)
     workers: int = 0
 
 
@@ -206,7 +217,12 @@ class BrokerCore:
         self.pending_registers: dict[int, PendingRegister] = {}
         self.mdp_workers: dict[bytes, MdpWorker] = {}
         self.mdp_services: dict[bytes, MdpService] = {}
+        cfg = self.config
+        self.mdp_queue = MdpQueue(cfg.max_queued_requests, cfg.max_queued_bytes, cfg.max_queued_bytes_per_client,
+                                  cfg.request_ttl)
         self.counters: collections.Counter = collections.Counter()
+        # What each tenant may see of the counters (its own peers' events); see _count.
+        self.tenant_counters: dict[str, collections.Counter] = {}
         self._out: list[list] = []
         self._next_slot = 1
         self._next_open = 1
@@ -296,7 +312,7 @@ class BrokerCore:
             self._out.append([sender, p.client_frame(C.ERROR),
                               p.encode_header({"r": exc.r, "code": exc.code, "msg": str(exc)})])
         except ProtocolError as exc:
-            self._bad(sender, frames, str(exc))
+            self._bad(sender, frames, str(exc), code="too_large" if isinstance(exc, MessageTooLargeError) else "protocol")
         except Exception as exc:  # a bug, but a peer must never crash the broker
             log.exception("internal error handling a message from %s", sender.hex())
             self._bad(sender, frames, f"internal broker error: {exc!r}")
@@ -314,12 +330,12 @@ class BrokerCore:
         for worker in [w for w in self.workers.values() if w.last_seen < limit]:
             log.warning("worker %s missed its heartbeats; purging it (%d slots)",
                         _name(worker.id, worker.info), len(worker.slots))
-            self.counters["workers_expired"] += 1
+            self._count("workers_expired", worker.tenant)
             self._purge_worker(worker, "missed its heartbeats")
         for client in [c for c in self.clients.values() if c.last_seen < limit]:
             if client.slots:
                 log.info("client %s went silent; closing its %d slots", _name(client.id, client.info), len(client.slots))
-            self.counters["clients_expired"] += 1
+            self._count("clients_expired", client.tenant)
             self._drop_client(client)
         for worker in [w for w in self.mdp_workers.values() if w.last_seen < limit]:
             log.warning("MDP worker %s missed its heartbeats; purging it", worker.id.hex())
@@ -333,13 +349,72 @@ class BrokerCore:
         for r, pending_reg in list(self.pending_registers.items()):
             if now >= pending_reg.deadline:
                 self._finish_register(r, pending_reg)
-        ttl = now - self.config.request_ttl
-        for service in list(self.mdp_services.values()):
-            while service.requests and service.requests[0][4] < ttl:
-                service.requests.popleft()
-                self.counters["mdp_requests_expired"] += 1
-            if not service.requests and not service.workers:
-                del self.mdp_services[service.name]
+        expired = self.mdp_queue.expire(now)
+        if expired:
+            self.counters["mdp_requests_expired"] += expired
+
+    def undeliverable(self, msg: list, full: bool) -> None:
+        """The loop could not send ``msg`` (one that :meth:`messages_to_send` returned).
+
+        Nothing the broker sends is lost without a word: a CALL a worker cannot take gets
+        its client an ERROR (``limit`` when the worker's queue is full, ``worker_lost`` when
+        the worker's connection is gone, which also purges it); a Majordomo REQUEST goes
+        back to the head of its queue for another worker. A message for a client that is
+        gone or does not read is counted (``undeliverable``); it has nobody to tell.
+
+        Args:
+            msg: ``[routing_id, frame, ...]`` as returned by :meth:`messages_to_send`.
+            full: True when the peer's queue was full (it does not read fast enough),
+                False when the peer is not connected.
+        """
+        peer = msg[0]
+        self.counters["undeliverable"] += 1
+        worker = self.workers.get(peer)
+        if worker is not None and len(msg) > 3 and msg[1] == _W_CALL:
+            client_id = p.as_bytes(msg[2])
+            client = self.clients.get(client_id)
+            if client is not None:
+                n = client.inflight.get(peer, 0)
+                if n > 1:
+                    client.inflight[peer] = n - 1
+                else:
+                    client.inflight.pop(peer, None)
+            if full:
+                self._count("calls_limited", worker.tenant)
+                self._call_error(client_id, msg[3], "limit", (
+                    f"worker {_name(peer, worker.info)} has more calls queued than it can take; "
+                    f"retry when its replies come back"))
+                return
+            self._call_error(client_id, msg[3], "worker_lost", f"worker {_name(peer, worker.info)} is not connected")
+        mdp = self.mdp_workers.get(peer)
+        if mdp is not None:
+            request, mdp.current = mdp.current, None
+            log.info("MDP worker %s cannot be reached (%s); dropping it", peer.hex(), "full" if full else "gone")
+            self._drop_mdp_worker(mdp, notify=False)
+            if request is not None and request.body is not None:
+                self.mdp_queue.push(request, front=True)
+                svc = self.mdp_services.get(request.service)
+                if svc is not None:
+                    self._mdp_dispatch(svc)
+            return
+        if worker is not None and not full:
+            log.warning("worker %s cannot be reached; purging it", _name(peer, worker.info))
+            self._purge_worker(worker, "is not connected")
+
+    def refuse_frames(self, sender: bytes, head: list, count: int, seconds: float) -> None:
+        """The loop drained a message of ``count`` frames (over ``MAX_FRAMES``) in ``seconds``;
+        ``head`` holds its first frames. Counted, logged, and answered where the sender's
+        protocol has an error reply."""
+        self.counters["too_many_frames"] += 1
+        self._bad(sender, head, f"a message of {count} frames exceeds the limit of {p.MAX_FRAMES} frames "
+                                f"(drained in {seconds:.2f} s)", code="too_large")
+
+    def excuse(self, seconds: float) -> None:
+        """The loop could not read for ``seconds`` (it drained an oversized message): every
+        peer's silence during that time is forgiven, so nobody expires for it."""
+        for table in (self.workers, self.clients, self.mdp_workers):
+            for peer in table.values():
+                peer.last_seen += seconds
 
     def next_deadline(self) -> float:
         """The monotonic time at which :meth:`tick` has work to do."""
@@ -374,9 +449,17 @@ class BrokerCore:
         if client is None or not client.workers.get(worker_id):
             self._call_refused(sender, frames, worker_id, client)
             return
-        worker = self.workers[worker_id]
         client.last_seen = now
-        worker.calls += 1
+        inflight = client.inflight
+        n = inflight.get(worker_id, 0)
+        if n >= self.config.max_calls_in_flight:
+            self._count("calls_limited", client.tenant)
+            self._call_error(sender, frames[2], "limit", (
+                f"{n} calls to worker {worker_id.hex()[:12]} are already in flight (at most "
+                f"{self.config.max_calls_in_flight}); wait for their replies before sending more"))
+            return
+        inflight[worker_id] = n + 1
+        self.workers[worker_id].calls += 1
         self._out.append([worker_id, _W_CALL, sender, *frames[2:]])
 
     def _on_reply(self, sender: bytes, frames: list, now: float) -> None:
@@ -395,11 +478,15 @@ class BrokerCore:
             # closed slots land here too): a worker cannot message arbitrary peers.
             self.counters["replies_dropped"] += 1
             return
+        inflight = self.clients[client_id].inflight
+        n = inflight.get(sender, 0)
+        if n > 1:
+            inflight[sender] = n - 1
+        else:
+            inflight.pop(sender, None)
         self._out.append([client_id, _C_REPLY, *frames[2:]])
 
     def _call_refused(self, sender: bytes, frames: list, worker_id: bytes, client: RLClient | None) -> None:
-        header = _try_header(frames[2])
-        r = header.get("r") if header else None
         worker = self.workers.get(worker_id)
         if client is None:
             code, msg = "worker_lost", "this client session is unknown to the broker (expired or broker restarted)"
@@ -407,8 +494,14 @@ class BrokerCore:
             code, msg = "protocol", "this client holds no slot on that worker"
         else:  # gone, or another tenant's: the answer must not tell which
             code, msg = "worker_lost", f"worker {worker_id.hex()} is gone"
-        self.counters["calls_refused"] += 1
-        self._out.append([sender, p.client_frame(C.ERROR), p.encode_header({"r": r, "code": code, "msg": msg})])
+        self._count("calls_refused", client.tenant if client is not None else None)
+        self._call_error(sender, frames[2], code, msg)
+
+    def _call_error(self, client_id: bytes, header_frame: Any, code: str, msg: str) -> None:
+        """Answer a CALL the broker will not forward: an ERROR with the call's request id."""
+        header = _try_header(header_frame) if len(header_frame) <= p.MAX_CONTROL_HEADER else None
+        r = header.get("r") if header else None
+        self._out.append([client_id, p.client_frame(C.ERROR), p.encode_header({"r": r, "code": code, "msg": msg})])
 
     # --- remoterl control -----------------------------------------------------------------------
 
@@ -466,6 +559,7 @@ class BrokerCore:
 
     def _on_hello(self, sender: bytes, frames: list, now: float, role: str) -> None:
         header = _header(frames, 1)
+        info = _peer_info(header)
         client = self.clients.get(sender)
         if client is None:
             if sender in self.workers or sender in self.mdp_workers:
@@ -475,7 +569,7 @@ class BrokerCore:
         elif self._tenant_of(header.get("key")) != client.tenant:
             raise _Reply(None, "auth", "wrong or missing API key: the broker refused this peer")
         client.last_seen = now
-        client.info = {k: header[k] for k in ("name", "pid", "host") if k in header}
+        client.info = info
         self._out.append([sender, p.client_frame(C.WELCOME), p.encode_header({**self._welcome(), "you": sender})])
 
     def _welcome(self) -> dict:
@@ -506,8 +600,7 @@ class BrokerCore:
         kwargs = header.get("kwargs") or {}
         opts = header.get("opts") or {}
         max_workers = header.get("max_workers")
-        if not isinstance(env, str) or not env:
-            raise _Reply(r, "protocol", "OPEN needs an env id string")
+        _check_env_id(env, "OPEN", r)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise _Reply(r, "protocol", f"OPEN needs n >= 1 slots, got {n!r}")
         if not isinstance(kwargs, dict) or not isinstance(opts, dict):
@@ -566,7 +659,7 @@ class BrokerCore:
         worker = self._known_worker(sender, "OPENED", now)
         if worker is None:
             return
-        header = _header(frames, 2)
+        header = _header(frames, 2, limit=None)  # carries the env's description (spaces)
         r = header.get("r")
         pending = self.pending_opens.get(r) if isinstance(r, int) else None
         if pending is None or sender not in pending.waiting:
@@ -631,7 +724,7 @@ class BrokerCore:
         if peer is not None and role == "worker":
             stats = header.get("stats")
             if isinstance(stats, dict):
-                peer.stats = stats
+                peer.stats = _plain_stats(stats)
         if peer is not None:
             peer.last_seen = now
         self._out.append([sender, frame, p.encode_header({"broker": self.instance, "known": peer is not None, "id": peer_id})])
@@ -649,10 +742,11 @@ class BrokerCore:
         header = _header(frames, 1)
         envs = header.get("envs")
         capacity = header.get("capacity")
-        if not isinstance(envs, list) or not all(isinstance(e, str) and e for e in envs):
-            raise ProtocolError("READY needs a list of env id strings")
+        if not isinstance(envs, list) or not all(isinstance(e, str) and 0 < len(e) <= p.MAX_NAME for e in envs):
+            raise ProtocolError(f"READY needs a list of env id strings of 1 to {p.MAX_NAME} characters")
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
             raise ProtocolError("READY needs a capacity >= 0")
+        info = _peer_info(header)
         if sender in self.clients or sender in self.mdp_workers:
             raise ProtocolError("this peer is already registered in another role")
         try:
@@ -663,7 +757,6 @@ class BrokerCore:
         old = self.workers.get(sender)
         if old is not None:  # RFC 7: a second READY restarts the worker's session
             self._purge_worker(old, "re-registered")
-        info = {k: header[k] for k in ("name", "pid", "host") if k in header}
         worker = self.workers[sender] = RLWorker(sender, set(envs), capacity, now, tenant, info)
         for env in worker.envs:
             self.env_index.setdefault(env, set()).add(sender)
@@ -681,8 +774,9 @@ class BrokerCore:
         header = _header(frames, 1)
         r = header.get("r")
         spec = header.get("spec")
-        if not isinstance(spec, dict) or not isinstance(spec.get("id"), str) or not spec["id"]:
+        if not isinstance(spec, dict):
             raise _Reply(r, "protocol", "REGISTER needs a spec with an env id")
+        _check_env_id(spec.get("id"), "REGISTER", r)
         entry = spec.get("entry_point")
         if not isinstance(entry, str) or ":" not in entry:
             raise _Reply(r, "protocol", "REGISTER needs an entry point string 'package.module:Attribute' "
@@ -707,7 +801,7 @@ class BrokerCore:
         worker = self._known_worker(sender, "REGISTERED", now)
         if worker is None:
             return
-        header = _header(frames, 1)
+        header = _header(frames, 1, limit=None)
         env, ok, msg, r = header.get("id"), header.get("ok"), header.get("msg"), header.get("r")
         if not isinstance(env, str) or (worker.tenant, env) not in self.registrations:
             raise ProtocolError(f"REGISTERED for an env id nobody registered: {env!r}")
@@ -779,6 +873,8 @@ class BrokerCore:
         if client is not None:
             client.slots.discard(slot.id)
             _decrement(client.workers, slot.worker)
+            if slot.worker not in client.workers:
+                client.inflight.pop(slot.worker, None)  # its replies are dropped from now on
             _decrement(self.tenant_slots, client.tenant)
 
     def _purge_worker(self, worker: RLWorker, reason: str) -> None:
@@ -835,17 +931,19 @@ class BrokerCore:
             self._out.append([sender, *p.mdp_client_reply(
                 request.version, service, body, empty_prefix=request.empty_prefix)])
             return
-        svc = self.mdp_services.get(service)
-        if svc is None:
-            svc = self.mdp_services[service] = MdpService(service)
-        if sum(len(s.requests) for s in self.mdp_services.values()) >= self.config.max_queued_requests:
+        if len(service) > p.MAX_NAME:
+            raise ProtocolError(f"MDP service names are at most {p.MAX_NAME} bytes")
+        queued = MdpRequest(sender, service, request.version, request.empty_prefix, request.body, now,
+                            sum(map(len, request.body)))
+        why = self.mdp_queue.push(queued)
+        if why is not None:
+            # Majordomo has no error reply: the client's own timeout tells it; the count shows here.
             self.counters["mdp_requests_dropped"] += 1
-            self._warn("MDP request queue full; dropping a request for %r", service)
-            if not svc.requests and not svc.workers:
-                del self.mdp_services[service]
+            self._warn("dropping an MDP request for %r from %s: %s", service[:64], sender.hex(), why)
             return
-        svc.requests.append((sender, request.version, request.empty_prefix, request.body, now))
-        self._mdp_dispatch(svc)
+        svc = self.mdp_services.get(service)
+        if svc is not None:
+            self._mdp_dispatch(svc)
 
     def _on_mdp_worker(self, sender: bytes, frames: list, now: float) -> None:
         msg = p.parse_mdp_worker(frames)
@@ -854,6 +952,8 @@ class BrokerCore:
             self._out.append([sender, *p.mdp_worker_disconnect(msg.version, empty_prefix=msg.empty_prefix)])
             raise ProtocolError("Majordomo workers are not allowed: this broker requires API keys")
         if msg.command == "READY":
+            if len(msg.service) > p.MAX_NAME:
+                raise ProtocolError(f"MDP service names are at most {p.MAX_NAME} bytes")
             if worker is not None or sender in self.workers or sender in self.clients:
                 if worker is not None:  # a second READY re-registers the worker, as for remoterl workers
                     self._drop_mdp_worker(worker, notify=False)
@@ -874,13 +974,12 @@ class BrokerCore:
         worker.last_seen = now
         if msg.command in ("PARTIAL", "FINAL"):
             current = worker.current
-            if current is None or current[0] != msg.client:
+            if current is None or current.client != msg.client:
                 raise ProtocolError(f"MDP {msg.command} for a request this worker was not given")
-            client_id, version, empty_prefix, service = current
             final = msg.command == "FINAL"
-            if final or version is p.MdpVersion.V02:  # MDP/0.1 has no PARTIAL
-                self._out.append([client_id, *p.mdp_client_reply(
-                    version, service, msg.body, final=final, empty_prefix=empty_prefix)])
+            if final or current.version is p.MdpVersion.V02:  # MDP/0.1 has no PARTIAL
+                self._out.append([current.client, *p.mdp_client_reply(
+                    current.version, current.service, msg.body, final=final, empty_prefix=current.empty_prefix)])
             if final:
                 worker.current = None
                 svc = self.mdp_services[worker.service]
@@ -890,13 +989,16 @@ class BrokerCore:
             self._drop_mdp_worker(worker, notify=False)
 
     def _mdp_dispatch(self, svc: MdpService) -> None:
-        while svc.waiting and svc.requests:
+        queue = self.mdp_queue
+        while svc.waiting:
+            request = queue.pop(svc.name)
+            if request is None:
+                return
             worker = self.mdp_workers[svc.waiting.popleft()]
-            client, version, empty_prefix, body, _ = svc.requests.popleft()
-            worker.current = (client, version, empty_prefix, svc.name)
+            worker.current = request
             worker.calls += 1
             self._out.append([worker.id, *p.mdp_worker_request(
-                worker.version, client, body, empty_prefix=worker.empty_prefix)])
+                worker.version, request.client, request.body, empty_prefix=worker.empty_prefix)])
 
     def _drop_mdp_worker(self, worker: MdpWorker, notify: bool = True) -> None:
         del self.mdp_workers[worker.id]
@@ -905,7 +1007,7 @@ class BrokerCore:
             svc.workers -= 1
             if worker.id in svc.waiting:
                 svc.waiting.remove(worker.id)
-            if not svc.workers and not svc.requests:
+            if not svc.workers:
                 del self.mdp_services[svc.name]
         if notify:
             self._out.append([worker.id, *p.mdp_worker_disconnect(worker.version, empty_prefix=worker.empty_prefix)])
@@ -928,6 +1030,16 @@ class BrokerCore:
                     r = header.get("r")
                     break
             self._out.append([sender, p.client_frame(C.ERROR), p.encode_header({"r": r, "code": code, "msg": reason})])
+
+    def _count(self, name: str, tenant: str | None) -> None:
+        """Count an event broker-wide and, when it belongs to a tenant, for that tenant
+        (``remoterl.status`` shows a tenant only its own counters in key mode)."""
+        self.counters[name] += 1
+        if tenant is not None:
+            counters = self.tenant_counters.get(tenant)
+            if counters is None:
+                counters = self.tenant_counters[tenant] = collections.Counter()
+            counters[name] += 1
 
     def _warn(self, fmt: str, *args: Any) -> None:
         # At most 10 warnings a second: a flood of garbage must not become a flood of logs.
@@ -952,7 +1064,7 @@ class BrokerCore:
             "registrations": len(self.registrations), "pending_registers": len(self.pending_registers),
             "tenant_slots": sum(self.tenant_slots.values()),
             "mdp_workers": len(self.mdp_workers), "mdp_services": len(self.mdp_services),
-            "mdp_requests": sum(len(s.requests) for s in self.mdp_services.values()),
+            "mdp_requests": len(self.mdp_queue),
         }
 
 
@@ -970,10 +1082,50 @@ _W_REPLY = p.worker_frame(W.REPLY)
 _MAX_REGISTRATIONS = 1000
 
 
-def _header(frames: list, index: int) -> dict:
+def _header(frames: list, index: int, limit: int | None = p.MAX_CONTROL_HEADER) -> dict:
+    """Decode the control header at ``frames[index]``, refusing one over ``limit`` bytes
+    before decoding it (``None``: bounded by the message size only)."""
     if len(frames) <= index:
         raise ProtocolError("message has no header frame")
+    if limit is not None and len(frames[index]) > limit:
+        raise MessageTooLargeError(f"a control header of {len(frames[index])} bytes exceeds the limit of "
+                                   f"{limit} bytes (names, env ids, kwargs and specs together)")
     return p.decode_header(frames[index])
+
+
+def _peer_info(header: dict) -> dict:
+    """The name, host and pid a HELLO or READY gives, checked (``remoterl status`` shows them)."""
+    info: dict = {}
+    for key in ("name", "host"):
+        value = header.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > p.MAX_NAME:
+            raise ProtocolError(f"{key!r} must be a string of at most {p.MAX_NAME} characters")
+        info[key] = value
+    pid = header.get("pid")
+    if pid is not None:
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < 1 << 63:
+            raise ProtocolError("'pid' must be a non-negative integer")
+        info["pid"] = pid
+    return info
+
+
+def _check_env_id(env: Any, what: str, r: Any = None) -> str:
+    if not isinstance(env, str) or not env or len(env) > p.MAX_NAME:
+        raise _Reply(r, "protocol", f"{what} needs an env id string of 1 to {p.MAX_NAME} characters")
+    return env
+
+
+def _plain_stats(stats: dict) -> dict:
+    """What ``remoterl status`` shows of a worker's heartbeat statistics: a few named numbers."""
+    out = {}
+    for key, value in stats.items():
+        if isinstance(key, str) and len(key) <= 32 and type(value) in (int, float):
+            out[key] = value
+            if len(out) == 16:
+                break
+    return out
 
 
 def _try_header(frame: Any) -> dict | None:

@@ -129,6 +129,9 @@ class Broker:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_size)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
+        # A message for a peer that is gone or whose queue is full raises instead of vanishing,
+        # so the core can answer for it (BrokerCore.undeliverable): nothing is dropped unsaid.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self.curve_secret:
             from remoterl.security import apply_curve_server
 
@@ -205,8 +208,12 @@ class Broker:
                 sender = recv()
                 frames = []
                 while more(_RCVMORE):
+                    if len(frames) == _MAX_FRAMES:
+                        self._drain(sender, frames)
+                        break
                     frames.append(recv(copy=len(frames) < 3))
-                receive(sender, frames, time.monotonic())
+                else:
+                    receive(sender, frames, time.monotonic())
             elif target == self._wake:  # an in-process peer wants the loop: just leave poll
                 _drain(self._wake)
             else:
@@ -214,14 +221,46 @@ class Broker:
         self.core.tick(time.monotonic())
         self._flush()
 
+    def _drain(self, sender: bytes, head: list) -> None:
+        """Discard the rest of a message of more than MAX_FRAMES frames without keeping it.
+
+        libzmq hands over a multipart message whole, so nobody else's message can be read
+        until this one is; meanwhile the core's timers keep running (MDP heartbeats, open
+        deadlines) and the time spent here is excused to every peer, so none expires for
+        a silence the broker could not hear.
+        """
+        sock, core, monotonic = self._sock, self.core, time.monotonic
+        into, more, scratch = sock.recv_into, sock.getsockopt, bytearray(64)  # type: ignore[union-attr]
+        started = mark = monotonic()
+        count = len(head)
+        while more(_RCVMORE):
+            into(scratch)  # frames longer than scratch are truncated: they are dropped anyway
+            count += 1
+            if count & 0xFFFF == 0 and (now := monotonic()) - mark >= self.config.heartbeat / 4:
+                core.excuse(now - mark)
+                mark = now
+                core.tick(now)
+                self._flush()
+        now = monotonic()
+        core.excuse(now - mark)
+        core.refuse_frames(sender, head[:3], count, now - started)
+
     def _flush(self) -> None:
         # copy=True sends bytes by copying (fast for small frames) and zmq.Frame objects
         # without a copy, so payload frames pass through untouched.
+        for _ in range(3):  # what the core answers for undeliverable messages, and no more rounds
+            failed = self._send_out()
+            if not failed:
+                return
+            for msg, full in failed:
+                self.core.undeliverable(msg, full)
+
+    def _send_out(self) -> list:
         out = self.core.messages_to_send()
         if not out:
-            return
+            return out
         send, local, links = self._sock.send, self._local, self._links  # type: ignore[union-attr]
-        broken = None
+        broken, failed = None, []
         for msg in out:
             peer = msg[0]
             if local and peer in local:
@@ -236,9 +275,17 @@ class Broker:
                 if link.wants_write:
                     self._poll.modify(link.fileno(), _POLLIN | _POLLOUT)
             else:
-                send_frames(send, msg)
+                try:
+                    send_frames(send, msg, flags=_NOBLOCK)
+                except zmq.Again:  # the peer's queue is full (ROUTER_MANDATORY)
+                    failed.append((msg, True))
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    failed.append((msg, False))  # no such peer (any more)
         for peer in broken or ():
             self._drop_link(peer, "its link broke")
+        return failed
 
     # --- local links ------------------------------------------------------------------------------
 
@@ -398,4 +445,6 @@ class _Driving:
 
 # Plain ints: zmq's flag enums cost a microsecond per operation on the per-message path.
 _RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_MAX_FRAMES = p.MAX_FRAMES
 _POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)

@@ -44,7 +44,8 @@ def status(core: BrokerCore, tenant: str | None = None) -> dict:
     """A JSON-able snapshot of the broker: workers, services, slots, clients, counters.
 
     With ``tenant``, only that tenant's workers, services and clients are listed (and no
-    Majordomo peers); a tenant never learns of another's workers.
+    Majordomo peers); a tenant never learns of another's workers. In key mode the counters
+    are the tenant's own (its peers' events) and the broker-wide table sizes are left out.
     """
     workers = []
     mine = [w for w in core.workers.values() if tenant is None or w.tenant == tenant]
@@ -71,10 +72,14 @@ def status(core: BrokerCore, tenant: str | None = None) -> dict:
     services = [{"name": env, "kind": "env", "workers": len(ids & ids_mine),
                  "free_slots": sum(core.workers[w].free for w in ids & ids_mine)}
                 for env, ids in sorted(core.env_index.items()) if ids & ids_mine]
-    services += [{"name": svc.name.decode("utf-8", "replace"), "kind": "mdp", "workers": svc.workers,
-                  "queued": len(svc.requests)} for svc in (core.mdp_services.values() if core.open_mode else ())]
+    if core.open_mode:
+        queued = core.mdp_queue.services()
+        names = sorted(set(core.mdp_services) | set(queued))
+        services += [{"name": name.decode("utf-8", "replace"), "kind": "mdp",
+                      "workers": svc.workers if (svc := core.mdp_services.get(name)) else 0,
+                      "queued": queued.get(name, 0)} for name in names]
     clients = [c for c in core.clients.values() if tenant is None or c.tenant == tenant]
-    return {
+    snapshot = {
         "broker": core.instance,
         "started": core._wall_started,
         "time": time.time(),
@@ -83,6 +88,10 @@ def status(core: BrokerCore, tenant: str | None = None) -> dict:
         "clients": [{"id": c.id.hex(), **{k: v for k, v in c.info.items() if isinstance(v, (str, int))},
                      "slots": len(c.slots)} for c in clients],
         "open_slots": sum(1 for s in core.slots.values() if s.open and s.worker in ids_mine),
-        "counters": dict(core.counters),
-        "tables": core.table_sizes(),
     }
+    if core.open_mode or tenant is None:
+        snapshot["counters"] = dict(core.counters)
+        snapshot["tables"] = core.table_sizes()
+    else:  # broker-wide figures would tell a tenant about the others' traffic
+        snapshot["counters"] = dict(core.tenant_counters.get(tenant, {}))
+    return snapshot

@@ -27,12 +27,12 @@ import struct
 from typing import Any
 
 from remoterl.errors import ProtocolError
+from remoterl.protocol import MAX_FRAMES
 
 __all__ = ["MAX_FRAMES", "pack", "unpack"]
 
-# Far above anything remoterl sends (signature, ids, a header, one frame per array),
-# low enough that a hostile message cannot make the bridge build millions of frames.
-MAX_FRAMES = 65_536
+# MAX_FRAMES (remoterl.protocol): the broker's own limit, so the bridge never builds a
+# message of millions of frames for it.
 
 _LEN = struct.Struct("<I")
 _pack_len = _LEN.pack

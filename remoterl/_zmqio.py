@@ -17,15 +17,17 @@ _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 
 
-def send_frames(send: Callable[..., Any], frames: list, copy: bool = True) -> None:
+def send_frames(send: Callable[..., Any], frames: list, copy: bool = True, flags: int = 0) -> None:
     """Send ``frames`` as one multipart message with ``send`` (a ``Socket.send``).
 
     With ``copy=True`` bytes are copied (cheapest for small frames) and ``zmq.Frame``
     objects are still sent without a copy; pass ``copy=False`` for big buffers.
+    ``flags`` (``zmq.NOBLOCK``) go with every frame; a ROUTER raises on the first frame
+    or not at all (a multipart message is queued whole).
     """
-    last = len(frames) - 1
+    more, last = _SNDMORE | flags, len(frames) - 1
     for i, frame in enumerate(frames):
-        send(frame, _SNDMORE if i < last else 0, copy=copy)
+        send(frame, more if i < last else flags, copy=copy)
 
 
 def recv_frames(sock: zmq.Socket, as_bytes: int, first: Any = None) -> list:

@@ -47,6 +47,9 @@ from remoterl.errors import ProtocolError
 
 __all__ = [
     "MDP_CLIENT",
+    "MAX_CONTROL_HEADER",
+    "MAX_FRAMES",
+    "MAX_NAME",
     "MDP_WORKER",
     "PROTOCOL_VERSION",
     "RL_CLIENT",
@@ -70,6 +73,20 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+
+# Protocol limits: what one peer may make the broker read, keep or answer, whatever its size
+# limit in bytes. A peer over one gets an error reply (where its protocol has one) and a
+# counter goes up; nothing it sent is kept.
+#
+# Frames in one message. Far above anything remoterl sends (signature, ids, a header, one
+# frame per array); low enough that a message of millions of empty frames, which libzmq's
+# MAXMSGSIZE (a per-frame limit) lets through, is drained instead of read into a list.
+MAX_FRAMES = 65_536
+# Bytes of one control header (HELLO, OPEN, CLOSE, REGISTER, READY, HEARTBEAT): names,
+# env ids, kwargs and specs together. Call and reply headers are bounded by the message size.
+MAX_CONTROL_HEADER = 64 * 1024
+# Characters of a peer's name, host or env id, and of a Majordomo service name.
+MAX_NAME = 256
 
 # Frame-0 signatures of the remoterl extension (the command byte follows).
 RL_CLIENT = b"RLC1"

@@ -306,12 +306,12 @@ def test_peer_that_stops_reading_does_not_stall_others(setup, clients):
     vec = RemoteEnvVec("CartPole-v1", NUM_ENVS, client=trainer)
     vec.reset(seed=0)
 
-    # The slow peer: heartbeats naming a 256 KB id, which the broker echoes in each pong
-    # (docs/PROTOCOL.md §3.2), so ~25 MB come back, far more than the socket buffers hold; it
-    # reads nothing (max_queue=1 stops its reader after one message).
-    ping = _wsframes.pack([b"RLC1\x07", msgpack.packb({"id": b"\xff" * 256_000})])
+    # The slow peer: heartbeats naming a 60 KB id (control headers are capped at 64 KiB), which
+    # the broker echoes in each pong (docs/PROTOCOL.md §3.2), so ~24 MB come back, far more than
+    # the socket buffers hold; it reads nothing (max_queue=1 stops its reader after one message).
+    ping = _wsframes.pack([b"RLC1\x07", msgpack.packb({"id": b"\xff" * 60_000})])
     with ws_connect(bridge.url, max_queue=1, compression=None, max_size=None) as slow:
-        flood = threading.Thread(target=lambda: [slow.send(ping) for _ in range(100)], daemon=True)
+        flood = threading.Thread(target=lambda: [slow.send(ping) for _ in range(400)], daemon=True)
         flood.start()
 
         slowest, steps = 0.0, 0

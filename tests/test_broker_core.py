@@ -738,8 +738,45 @@ class TestMajordomo:
         h = Harness(max_queued_requests=3)
         for i in range(5):
             h.send(C1, mdp_request(b"svc%d" % i, b"x"))
-        assert h.core.table_sizes()["mdp_requests"] == 3 and h.core.table_sizes()["mdp_services"] == 3
+        assert h.core.table_sizes()["mdp_requests"] == 3 and len(h.core.mdp_queue.services()) == 3
         assert h.core.counters["mdp_requests_dropped"] == 2
+        listed = {s["name"]: s["queued"] for s in services.status(h.core)["services"]}
+        assert listed == {"svc0": 1, "svc1": 1, "svc2": 1}
+        assert services.status(h.core)["counters"]["mdp_requests_dropped"] == 2
+
+    def test_request_queue_has_a_byte_budget_per_client(self):
+        h = Harness(max_queued_bytes=1000, max_queued_bytes_per_client=600)
+        h.send(C1, mdp_request(b"svc", b"x" * 500))
+        h.send(C1, mdp_request(b"svc", b"x" * 200))  # over C1's share: dropped, nothing kept
+        h.send(C2, mdp_request(b"svc", b"x" * 400))
+        h.send(b"C3", mdp_request(b"svc", b"x" * 200))  # over the whole budget
+        assert len(h.core.mdp_queue) == 2 and h.core.mdp_queue.bytes == 900
+        assert h.core.counters["mdp_requests_dropped"] == 2
+
+    def test_clients_take_turns(self):
+        h = Harness()
+        for i in range(100):
+            h.send(C1, mdp_request(b"echo", b"flood%d" % i))
+        h.send(C2, mdp_request(b"echo", b"mine"))
+        out = h.send(b"m1", [b"MDPW02", b"\x01", b"echo"])
+        assert out == [[b"m1", b"MDPW02", b"\x02", C1, b"", b"flood0"]]
+        # The second client's request is next, not behind the other 99.
+        out = h.send(b"m1", [b"MDPW02", b"\x04", C1, b"", b"r"])
+        assert to(out, b"m1") == [[b"m1", b"MDPW02", b"\x02", C2, b"", b"mine"]]
+
+    def test_request_to_an_unreachable_worker_goes_to_the_next(self):
+        h = Harness()
+        h.send(b"m1", [b"MDPW02", b"\x01", b"echo"])
+        h.send(b"m2", [b"MDPW02", b"\x01", b"echo"])
+        out = h.send(C1, mdp_request(b"echo", b"x"))
+        assert out == [[b"m1", b"MDPW02", b"\x02", C1, b"", b"x"]]
+        h.core.undeliverable(out[0], full=False)  # m1 vanished
+        assert h.out() == [[b"m2", b"MDPW02", b"\x02", C1, b"", b"x"]]
+        assert b"m1" not in h.core.mdp_workers and h.core.counters["undeliverable"] == 1
+
+    def test_long_service_names_are_refused(self, h):
+        h.send(C1, mdp_request(b"s" * (p.MAX_NAME + 1), b"x"))
+        assert len(h.core.mdp_queue) == 0 and h.core.counters["malformed"] == 1
 
     def test_tick_heartbeats_mdp_workers(self, h):
         assert h.tick(0.5) == []
@@ -952,3 +989,103 @@ class TestRobustness:
         error = assert_error(h.send(C2, hello()), C2, "protocol")
         assert "internal broker error" in error["msg"]
         assert h.core.counters["malformed"] == 1
+
+
+class TestHostilePeers:
+    """What one peer may cost the broker: bounded strings, calls in flight, undeliverable messages."""
+
+    @pytest.fixture
+    def slots(self, h) -> list:
+        return h.open_ok(C1, 2, max_workers=1)
+
+    def test_calls_in_flight_are_limited_per_client_and_worker(self):
+        h = Harness(max_calls_in_flight=3)
+        h.add_worker(W1)
+        h.add_client(C1)
+        h.add_client(C2)
+        h.open_ok(C1, 1)
+        h.open_ok(C2, 1, r=2)
+        for r in range(3):
+            assert to(h.send(C1, call(W1, r)), W1)
+        error = assert_error(h.send(C1, call(W1, 3)), C1, "limit", r=3)
+        assert "in flight" in error["msg"]
+        # Another client's calls to the same worker still go through: the limit is per client.
+        assert to(h.send(C2, call(W1, 7)), W1)
+        # A reply frees one place.
+        h.send(W1, [p.worker_frame(W.REPLY), C1, call_header(0)])
+        assert to(h.send(C1, call(W1, 4)), W1)
+        assert h.core.counters["calls_limited"] == 1
+
+    def test_closing_the_last_slot_on_a_worker_forgets_its_calls(self, h, slots):
+        worker_id = slots[0][1]
+        h.send(C1, call(worker_id, 1))
+        assert h.core.clients[C1].inflight == {worker_id: 1}
+        h.send(C1, close_msg(2, [s for s, _ in slots]))
+        assert h.core.clients[C1].inflight == {}
+
+    def test_call_a_worker_cannot_take_gets_a_limit_error(self, h, slots):
+        worker_id = slots[0][1]
+        out = h.send(C1, call(worker_id, 9))
+        h.core.undeliverable(out[0], full=True)
+        assert_error(h.out(), C1, "limit", r=9)
+        assert h.core.clients[C1].inflight == {} and worker_id in h.core.workers
+
+    def test_call_to_an_unreachable_worker_purges_it(self, h, slots):
+        worker_id = slots[0][1]
+        out = h.send(C1, call(worker_id, 9))
+        h.core.undeliverable(out[0], full=False)
+        out = h.out()
+        assert_error(out, C1, "worker_lost", r=9)
+        one(out, C1, p.client_frame(C.WORKER_LOST))
+        assert worker_id not in h.core.workers
+
+    def test_message_for_a_gone_client_is_counted(self, h):
+        h.core.undeliverable([C1, p.client_frame(C.HEARTBEAT), hdr()], full=False)
+        assert h.out() == [] and h.core.counters["undeliverable"] == 1 and C1 in h.core.clients
+
+    @pytest.mark.parametrize("field, value", [
+        ("name", "n" * (p.MAX_NAME + 1)), ("host", "h" * (p.MAX_NAME + 1)), ("name", 5), ("pid", "12"),
+        ("pid", -1),
+    ])
+    def test_hello_and_ready_strings_are_bounded(self, field, value):
+        h = Harness()
+        assert_error(h.send(C1, [p.client_frame(C.HELLO), hdr(v=1, r=4, **{field: value})]), C1, "protocol", r=4)
+        out = h.send(W1, ready(**{field: value}))
+        one(out, W1, p.worker_frame(W.ERROR))
+        assert h.core.table_sizes() == dict.fromkeys(h.core.table_sizes(), 0)
+
+    def test_control_headers_are_bounded(self, h):
+        big = {"pad": "x" * p.MAX_CONTROL_HEADER}
+        error = assert_error(h.send(C2, [p.client_frame(C.HELLO), hdr(v=1, **big)]), C2, "too_large")
+        assert str(p.MAX_CONTROL_HEADER) in error["msg"] and C2 not in h.core.clients
+        assert_error(h.send(C1, open_msg(5, 1, opts=big)), C1, "too_large")
+        assert_error(h.send(C1, open_msg(6, 1, env="E" * (p.MAX_NAME + 1))), C1, "protocol", r=6)
+        assert h.core.slots == {}
+
+    def test_worker_stats_keep_known_numbers_only(self, h):
+        stats = {"steps": 5, "junk": "x" * 1000, "errors": "many", "k" * 33: 1, **{f"n{i}": i for i in range(40)}}
+        h.send(W1, worker_heartbeat(W1, stats=stats))
+        kept = h.core.workers[W1].stats
+        assert kept["steps"] == 5 and len(kept) == 16 and all(type(v) is int for v in kept.values())
+
+    def test_refused_frames_are_answered_and_counted(self, h):
+        h.core.refuse_frames(C1, [p.client_frame(C.CALL), W1, call_header(12)], 3_000_000, 1.5)
+        error = assert_error(h.out(), C1, "too_large", r=12)
+        assert "3000000 frames" in error["msg"] and h.core.counters["too_many_frames"] == 1
+
+    def test_excused_silence_does_not_expire_peers(self, h):
+        h.core.excuse(10.0)  # the loop was deaf for 10 s
+        h.tick(5.0)
+        assert set(h.core.workers) == {W1, W2} and C1 in h.core.clients
+        h.tick(14.0)
+        assert h.core.workers == {}
+
+    def test_status_in_key_mode_shows_only_the_tenants_own_counters(self):
+        h = Harness(api_keys={"ka": "a", "kb": "b"})
+        h.add_worker(W1, key="ka")
+        h.add_worker(W2, key="kb")
+        h.tick(0.3)
+        h.tick(10.0)  # both expire
+        mine = services.status(h.core, "a")
+        assert mine["counters"] == {"workers_expired": 1} and "tables" not in mine
+        assert services.status(h.core)["counters"]["workers_expired"] == 2

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from conftest import HEARTBEAT, LIVENESS, T, cli, start_broker, start_worker, status, wait_for
-from remoterl import Client, RemoteEnvError, WorkerLostError
+from remoterl import Client, LimitExceededError, RemoteEnvError, WorkerLostError
 from remoterl import protocol as p
 from remoterl.protocol import ClientCommand as C
 
@@ -533,3 +533,69 @@ def test_link_worker_killed_during_a_wait_fails_the_wait():
         local.close()
     finally:
         slow_heartbeats.close()
+
+
+# --- hostile peers ------------------------------------------------------------------------------
+
+
+def _raw_dealer(url: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    return sock
+
+
+def test_frame_count_bomb_is_drained_and_answered(two_workers, broker_url):
+    """A message of more than MAX_FRAMES frames is drained, not read into memory, and answered;
+    the peers the broker could not hear meanwhile do not expire."""
+    frames = p.MAX_FRAMES * 3
+    with Client(broker_url).connect() as client:
+        groups = group(client.open("CartPole-v1", n=8))
+        reset_all(client, groups)
+        bomb = _raw_dealer(broker_url)
+        try:
+            bomb.send(p.client_frame(C.CALL), zmq.SNDMORE)
+            bomb.send(b"W" * 16, zmq.SNDMORE)
+            bomb.send(p.encode_header({"r": 41}), zmq.SNDMORE)
+            for _ in range(frames - 4):
+                bomb.send(b"", zmq.SNDMORE)
+            bomb.send(b"")
+            assert bomb.poll(T * 1000), "no answer to the oversized message"
+            reply = bomb.recv_multipart()
+            error = p.decode_header(reply[1])
+            assert reply[0] == p.client_frame(C.ERROR) and error["code"] == "too_large" and error["r"] == 41
+            assert f"{frames} frames" in error["msg"]
+        finally:
+            bomb.close()
+        for _ in range(20):
+            step_all(client, groups)
+        snap = status(broker_url)
+        assert snap["counters"]["too_many_frames"] == 1
+        assert "workers_expired" not in snap["counters"] and "clients_expired" not in snap["counters"]
+        assert len(snap["workers"]) == 2 and snap["open_slots"] == 8
+
+
+def test_call_flood_is_answered_and_does_not_starve_others(two_workers, broker_url):
+    """A client sending thousands of calls without reading gets each answered (a reply or a
+    ``limit`` error); another client's steps on the same workers carry on meanwhile."""
+    sent = 3000
+    with Client(broker_url).connect() as trainer, Client(broker_url).connect() as flooder:
+        groups = group(trainer.open("CartPole-v1", n=4))
+        reset_all(trainer, groups)
+        mine = group(flooder.open("CartPole-v1", n=2, max_workers=1))
+        (worker, slots), = mine.items()
+        assert worker in groups, "both clients must share the flooded worker"
+        reset_all(flooder, mine)
+        flood = [flooder.send_call(worker, slots, {"op": "step", "a": np.zeros(2, np.int64), "m": 0})
+                 for _ in range(sent)]
+        for _ in range(20):
+            step_all(trainer, groups, timeout=T)
+        limited = 0
+        for entry in flood:  # every call answered: a result or the broker's typed refusal
+            try:
+                flooder.wait([entry], T)
+            except LimitExceededError:
+                limited += 1
+        assert 0 < limited < sent
+        counters = status(broker_url)["counters"]
+        assert counters["calls_limited"] == limited
