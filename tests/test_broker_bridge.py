@@ -478,3 +478,47 @@ def test_cli_ws_trainer_with_tcp_worker(procs, broker_url):
         assert obs.shape == (2, 4)
         vec.close()
     assert fetch_status(ws_url, timeout=T)["open_slots"] == 0  # remoterl status works over ws too
+
+
+# --- (g) hostile peers over WebSocket: the broker's limits hold on this path too ---------------------------
+
+
+def test_too_many_frames_close_that_connection(setup, clients):
+    frames = [b"RLC1\x10"] + [b""] * remoterl.protocol.MAX_FRAMES
+    with ws_connect(setup.ws_url, compression=None) as bad:
+        bad.send(hello())
+        bad.recv(timeout=T)
+        bad.send(_wsframes.pack(frames))
+        close = recv_until_closed(bad)
+    assert close is not None and close.code == 1007 and "frames" in close.reason
+    run_cartpole(clients(gateway_endpoint(setup.ws_url)), steps=5)
+
+
+def test_long_names_and_headers_are_refused(setup):
+    with ws_connect(setup.ws_url, compression=None, max_size=None) as ws:
+        for fields, code in [({"name": "n" * 40_000_000}, "too_large"),
+                             ({"name": "n" * (remoterl.protocol.MAX_NAME + 1)}, "protocol")]:
+            ws.send(_wsframes.pack([b"RLC1\x01", msgpack.packb({"v": 1, "r": 3, **fields})]))
+            reply = _wsframes.unpack(ws.recv(timeout=T))
+            assert bytes(reply[0]) == b"RLC1\x09", reply[0]
+            assert msgpack.unpackb(reply[1])["code"] == code
+    assert not any(c.get("name", "").startswith("nnn") for c in status(setup.tcp_url)["clients"])
+
+
+def test_call_flood_over_websocket_is_answered(setup, clients):
+    """Calls beyond the in-flight limit get a typed error each; a tcp trainer carries on."""
+    flooder = clients(gateway_endpoint(setup.ws_url))
+    opened = flooder.open("CartPole-v1", n=1)
+    worker, slots = opened.workers[0], opened.slots
+    flooder.wait([flooder.send_call(worker, slots, {"op": "reset", "seeds": [0]})], T)
+    flood = [flooder.send_call(worker, slots, {"op": "step", "a": np.zeros(1, np.int64), "m": 0})
+             for _ in range(1000)]
+    run_cartpole(clients(setup.tcp_url), steps=20)
+    limited = 0
+    for entry in flood:
+        try:
+            flooder.wait([entry], T)
+        except remoterl.LimitExceededError:
+            limited += 1
+    assert 0 < limited < len(flood)
+    flooder.close_slots(slots)
