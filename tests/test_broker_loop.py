@@ -599,3 +599,73 @@ def test_call_flood_is_answered_and_does_not_starve_others(two_workers, broker_u
         assert 0 < limited < sent
         counters = status(broker_url)["counters"]
         assert counters["calls_limited"] == limited
+
+
+def _mdp_echo_worker(url: str, service: bytes, stop: threading.Event, ready: threading.Event) -> None:
+    """An MDP/0.2 worker (RFC 18) that echoes every request until ``stop`` is set."""
+    sock = _raw_dealer(url)
+    try:
+        sock.send_multipart([b"MDPW02", b"\x01", service])
+        ready.set()
+        while not stop.is_set():
+            if not sock.poll(50):
+                continue
+            frames = sock.recv_multipart()
+            if frames[1] == b"\x02":  # REQUEST: [sig, cmd, client, empty, body...]
+                sock.send_multipart([b"MDPW02", b"\x04", frames[2], b"", *frames[4:]])
+            elif frames[1] == b"\x05":  # HEARTBEAT: answer in kind, so the broker keeps us
+                sock.send_multipart([b"MDPW02", b"\x05"])
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def echo_service(procs, broker_url):
+    start_broker(procs, broker_url)
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_mdp_echo_worker, args=(broker_url, b"echo", stop, ready), daemon=True)
+    thread.start()
+    assert ready.wait(T)
+    yield
+    stop.set()
+    thread.join(T)
+
+
+def test_many_asynchronous_mdp_requests_are_all_answered(echo_service, broker_url):
+    """More requests than the old 10,000 cap, sent before reading any reply (as zguide's
+    mdclient2 does): every one is answered."""
+    count = 20_000
+    client = _raw_dealer(broker_url)
+    try:
+        for i in range(count):
+            client.send_multipart([b"MDPC02", b"\x01", b"echo", b"%d" % i])
+        got = set()
+        deadline = time.monotonic() + 6 * T
+        while len(got) < count and time.monotonic() < deadline:
+            if client.poll(1000):
+                got.add(int(client.recv_multipart()[-1]))
+        assert got == set(range(count))
+    finally:
+        client.close()
+    assert "mdp_requests_dropped" not in status(broker_url)["counters"]
+
+
+def test_fresh_mdp_client_is_served_after_a_flood_of_vanished_peers(echo_service, broker_url):
+    """Fake workers that said READY and left, and clients that asked and left, do not keep a
+    fresh client from its answer: unreachable workers are skipped, clients take turns."""
+    for i in range(300):
+        ghost = _raw_dealer(broker_url)
+        ghost.send_multipart([b"MDPW02", b"\x01", b"echo"])
+        ghost.close()
+        asker = _raw_dealer(broker_url)
+        asker.send_multipart([b"MDPC02", b"\x01", b"echo", b"ghost"])
+        asker.close()
+    client = _raw_dealer(broker_url)
+    try:
+        start = time.monotonic()
+        client.send_multipart([b"MDPC02", b"\x01", b"echo", b"fresh"])
+        assert client.poll(T * 1000), "the fresh client got no answer"
+        assert client.recv_multipart()[-1] == b"fresh"
+        assert time.monotonic() - start < T / 2
+    finally:
+        client.close()
