@@ -48,6 +48,10 @@ Rules
 - Anything a peer may have sent is untrusted: malformed headers, unknown ext
   codes, bad dtypes, wrong lengths and bad frame indices raise
   :class:`~remoterl.errors.ProtocolError` and nothing else (STYLE §4).
+- What a decoded array can cost is bounded by the bytes that carried it: an
+  array with data holds at most one element per byte received, and a zero-byte
+  one (a zero dimension, or a dtype of size 0) may span at most 65536 elements,
+  zero dimensions counted as 1 (``(2**25, 0)`` is refused, ``(64, 0)`` is not).
 
 What it does not do
 ~~~~~~~~~~~~~~~~~~~
@@ -88,6 +92,13 @@ _PLAIN_KINDS = frozenset("biufcSUVMm")
 
 # numpy's own limit on dimensions; bounds what a peer can make us allocate.
 _MAX_NDIM = 64
+
+# The most elements a zero-byte array may span, zero dimensions counted as 1. An array with
+# data has at most one element per byte received; one with none (a zero dimension, or a dtype
+# of size 0 such as '<U0') costs a few bytes whatever its shape, yet iterating it makes one
+# Python object per row: (2**25, 0) float64, 42 bytes on the wire, took 2.4 GB and seconds to
+# walk. Real zero-size values are small (a batch of Box(0,) observations has one row per env).
+_MAX_EMPTY_SPAN = 1 << 16
 
 # msgpack's unpacker reads at most this many nested containers (its packer
 # allows one more, then raises "recursion limit exceeded").
@@ -142,12 +153,23 @@ def _plain_dtype(dtype: np.dtype) -> bool:
     )
 
 
+def _empty_span(dtype: np.dtype, shape: Sequence[int]) -> int:
+    """Elements a zero-byte array spans, zero dimensions counted as 1 (0 if it has data)."""
+    nbytes = dtype.itemsize
+    span = 1
+    for n in shape:
+        nbytes *= n
+        span *= n or 1
+    return 0 if nbytes else span
+
+
 def _meta_prefix(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """The ``u16 L | meta`` prefix shared by ext 1, 2 and 3 (cached)."""
     key = (dtype, shape)
     prefix = _meta_cache.get(key)
     if prefix is None:
-        if not _plain_dtype(dtype):
+        # What decode would refuse is refused here too, so a round trip never fails half way.
+        if not _plain_dtype(dtype) or _empty_span(dtype, shape) > _MAX_EMPTY_SPAN:
             raise _Unsupported
         meta = msgpack.packb([dtype.str, list(shape)])
         prefix = len(meta).to_bytes(2, "little") + meta
@@ -359,10 +381,14 @@ def _leaf_reason(value: Any) -> str | None:
     if cls is msgpack.ExtType or cls is msgpack.Timestamp:
         return None
     if cls is np.ndarray or isinstance(value, np.generic):
-        if _plain_dtype(value.dtype):
-            return None
         what = "numpy array" if cls is np.ndarray else "numpy scalar"
-        return f"{what} of dtype {value.dtype} is not supported ({_ALLOWED})"
+        if not _plain_dtype(value.dtype):
+            return f"{what} of dtype {value.dtype} is not supported ({_ALLOWED})"
+        span = _empty_span(value.dtype, value.shape)
+        if span > _MAX_EMPTY_SPAN:
+            return (f"zero-size {what} of shape {value.shape} spans {span} elements"
+                    f" (at most {_MAX_EMPTY_SPAN} travel)")
+        return None
     return f"type {cls.__name__!r} is not supported ({_ALLOWED})"
 
 
@@ -417,6 +443,11 @@ def _parse_meta_slow(prefix: bytes, offset: int) -> tuple[np.dtype, tuple[int, .
     # Never build an object array from a peer's bytes: those would be pointers.
     if not _plain_dtype(dtype):
         raise ProtocolError(f"array header names an unsupported dtype {dtype_str!r}")
+    if _empty_span(dtype, shape) > _MAX_EMPTY_SPAN:
+        raise ProtocolError(
+            f"array header {dtype_str!r}{shape!r} spans {_empty_span(dtype, shape)} elements"
+            f" without data (a zero-size array may span at most {_MAX_EMPTY_SPAN})"
+        )
     nbytes = dtype.itemsize
     for n in shape:
         nbytes *= n

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium
-import numpy as np
 from gymnasium.envs.registration import EnvSpec
 
-from remoterl.errors import EnvClosedError, InvalidActionError
+from remoterl.actions import check_action
+from remoterl.errors import EnvClosedError
 from remoterl.spaces import space_from_wire
 
 __all__ = ["RemoteEnv", "check_action", "metadata_from_wire", "spec_from_wire"]
@@ -68,7 +68,12 @@ class RemoteEnv(gymnasium.Env):
         return reply["obs"], reply["info"]
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
-        """Step the remote env; returns what it returned, types included."""
+        """Step the remote env; returns what it returned, types included.
+
+        Raises:
+            InvalidActionError: the action cannot fit the action space (nothing sent; the
+                worker runs the same check on arrival).
+        """
         self._ensure_open()
         check_action(self.action_space, action)
         reply = self._client.call(self._worker, self._slots, {"op": "step", "a": action, "single": True},
@@ -122,33 +127,3 @@ def spec_from_wire(desc: Any) -> EnvSpec | None:
         disable_env_checker=bool(desc.get("disable_env_checker", False)),
         kwargs=dict(desc.get("kwargs") or {}),
     )
-
-
-def check_action(space: gymnasium.spaces.Space, action: Any) -> None:
-    """Refuse an action whose shape or kind cannot fit ``space``, before anything is sent.
-
-    Cheap checks only (shape, integer-ness): bounds are the env's business, as locally.
-
-    Raises:
-        InvalidActionError: with the space and what was given.
-    """
-    spaces = gymnasium.spaces
-    if isinstance(space, spaces.Box):
-        shape = np.shape(action)
-        if shape != space.shape:
-            raise InvalidActionError(f"action of shape {shape} does not fit {space} (shape {space.shape})")
-        return
-    if isinstance(space, spaces.Discrete):
-        if not _is_int(action):
-            raise InvalidActionError(f"action {action!r} ({type(action).__name__}) is not an integer for {space}")
-        return
-    if not space.contains(action):
-        raise InvalidActionError(f"action {action!r} is not in the action space {space}")
-
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    if isinstance(value, (int, np.integer)):
-        return True
-    return isinstance(value, np.ndarray) and value.shape == () and np.issubdtype(value.dtype, np.integer)

@@ -158,6 +158,7 @@ _CODES: dict[str, type[RemoteRLError]] = {
     "timeout": RemoteTimeoutError,
     "auth": AuthenticationError,
     "limit": LimitExceededError,
+    "action": InvalidActionError,
 }
 _NAMES = {cls: code for code, cls in _CODES.items()}
 

@@ -26,8 +26,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space
 
+from remoterl.actions import check_actions
 from remoterl.env import metadata_from_wire, spec_from_wire
-from remoterl.errors import InvalidActionError
 from remoterl.spaces import space_from_wire
 
 __all__ = ["RemoteEnvVec"]
@@ -162,7 +162,9 @@ class RemoteEnvVec(VectorEnv):
             InvalidActionError: the actions cannot fit the batched action space (nothing sent).
         """
         self._ensure_idle("step_async")
-        _check_batch(self.single_action_space, actions, self.num_envs)
+        # The same checks the workers run on arrival (remoterl.actions.check_actions): a batch that
+        # does not fit fails here, typed, with nothing sent.
+        actions = check_actions(self.single_action_space, actions, self.num_envs)
         mode = self._mode
         self._pending = [
             self._client.send_call(worker, slots, {
@@ -267,29 +269,6 @@ def _check_reset_mask(mask: Any, num_envs: int) -> np.ndarray:
 
 _ARRAY_SPACES = (gymnasium.spaces.Box, gymnasium.spaces.Discrete, gymnasium.spaces.MultiDiscrete,
                  gymnasium.spaces.MultiBinary)
-
-
-def _check_batch(space: gymnasium.spaces.Space, actions: Any, n: int, path: str = "actions") -> None:
-    """Cheap shape checks of batched actions before anything is sent."""
-    if isinstance(space, _ARRAY_SPACES):
-        shape = np.shape(actions)
-        if shape != (n, *space.shape):
-            raise InvalidActionError(f"{path} of shape {shape} do not fit {n} envs of {space} "
-                                     f"(expected shape {(n, *space.shape)})")
-        if isinstance(space, gymnasium.spaces.Discrete) and not np.issubdtype(np.asarray(actions).dtype, np.integer):
-            raise InvalidActionError(f"{path} for {space} must be integers, got dtype {np.asarray(actions).dtype}")
-    elif isinstance(space, gymnasium.spaces.Dict):
-        if not isinstance(actions, dict) or set(actions) != set(space.spaces):
-            raise InvalidActionError(f"{path} must be a dict with keys {list(space.spaces)}")
-        for key, sub in space.spaces.items():
-            _check_batch(sub, actions[key], n, f"{path}[{key!r}]")
-    elif isinstance(space, gymnasium.spaces.Tuple):
-        if not isinstance(actions, tuple) or len(actions) != len(space.spaces):
-            raise InvalidActionError(f"{path} must be a tuple of {len(space.spaces)}")
-        for k, sub in enumerate(space.spaces):
-            _check_batch(sub, actions[k], n, f"{path}[{k}]")
-    elif len(actions) != n:
-        raise InvalidActionError(f"{path} must hold {n} actions, got {len(actions)}")
 
 
 def _slice(space: gymnasium.spaces.Space, batch: Any, start: int, stop: int) -> Any:

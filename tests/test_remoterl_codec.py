@@ -406,6 +406,13 @@ MALFORMED = {
     "tuple_garbage": _ext(4, b"\xc1"),
     "unhashable_key": b"\x81\x90\x01",  # {[]: 1}
     "array_as_key": b"\x81" + _ext(1, _array_payload("<f8", [1], b"\0" * 8)) + b"\x01",
+    # Zero-size arrays carry no data to check a shape against: their span is capped.
+    "zero_size_rows": _ext(1, _array_payload("<i8", [2**25, 0], b"")),
+    "zero_size_huge_dim": _ext(1, _array_payload("|u1", [2**64 - 1, 0], b"")),
+    "zero_size_many_dims": _ext(1, _array_payload("<f4", [0] + [2] * 63, b"")),
+    "zero_size_in_a_frame": _ext(2, _array_payload("<i8", [0, 2**20], (0).to_bytes(4, "little"))),
+    "size_zero_dtype": _ext(1, _array_payload("<U0", [2**28], b"")),
+    "zero_size_scalar_shape": _ext(3, _array_payload("<U0", [2**20], b"")),
     "deep_nesting": b"\x91" * 100_000,
     "tuples_33_deep": _tuple_header(33),
     "tuples_2000_deep": _tuple_header(2000),  # crashed the C stack before the cap
@@ -416,6 +423,22 @@ MALFORMED = {
 def test_malformed_header_raises_protocol_error(header):
     with pytest.raises(ProtocolError):
         decode(header)
+
+
+def test_zero_size_arrays_span_at_most_65536_elements():
+    # Within the cap, zero-size arrays round trip exactly, inline and in frames; one element
+    # more is refused on both ends, by encode (CodecError, naming the key) and decode.
+    for shape in [(2**16, 0), (0, 2**16), (16, 0, 4096), (64, 0)]:
+        assert_same(round_trip(np.empty(shape, np.float32)), np.empty(shape, np.float32))
+        assert_same(round_trip(np.empty(shape), frame_threshold=-1), np.empty(shape))
+        assert decode(_ext(2, _array_payload("<f8", list(shape), (0).to_bytes(4, "little"))), [b""]).shape == shape
+    for shape in [(2**16 + 1, 0), (0, 2**16, 2)]:
+        with pytest.raises(CodecError, match=r"obs\['x'\]: zero-size numpy array"):
+            encode({"x": np.empty(shape)}, name="obs")
+        with pytest.raises(ProtocolError, match="spans"):
+            decode(_ext(1, _array_payload("<f8", list(shape), b"")))
+    # An array with data is bounded by its bytes; the cap is not in its way.
+    assert round_trip(np.zeros(2**17, np.uint8)).shape == (2**17,)
 
 
 def test_bad_frame_index_and_length():

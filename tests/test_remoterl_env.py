@@ -140,7 +140,13 @@ def test_closed_env(make_env, url):
     ("CartPole-v1", np.array([0, 1])),
     ("Pendulum-v1", np.zeros(2, np.float32)),
     ("Pendulum-v1", 0.5),
-], ids=["discrete-float", "discrete-array", "box-shape", "box-scalar"])
+    ("CartPole-v1", np.zeros((2**25, 0), np.int64)),
+    ("Pendulum-v1", np.zeros((2**25, 0), np.float32)),
+    ("Pendulum-v1", np.zeros(1, np.complex64)),
+    ("Pendulum-v1", ["a"]),
+    ("Pendulum-v1", [[0.5], [0.5, 0.5]]),
+], ids=["discrete-float", "discrete-array", "box-shape", "box-scalar", "discrete-zero-size", "box-zero-size",
+        "box-complex", "box-strings", "box-ragged"])
 def test_invalid_action_is_refused_before_sending(make_env, url, env_id, action):
     env = make_env(env_id)
     env.reset(seed=0)

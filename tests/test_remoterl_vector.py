@@ -215,7 +215,14 @@ def test_close_with_a_step_pending_releases_slots(make_vec, url):
     ("CartPole-v1", np.zeros(NUM_ENVS, np.float32)),         # not integers
     ("Pendulum-v1", np.zeros((NUM_ENVS, 2), np.float32)),    # wrong action shape
     ("DictObsEnv-v0", np.zeros(NUM_ENVS, np.float32)),       # Box(3,) actions given as scalars
-], ids=["too-many", "float-discrete", "box-shape", "dict-obs-box-shape"])
+    ("CartPole-v1", np.zeros((2**25, 0), np.int64)),         # zero-size: no bytes, 2**25 rows to iterate
+    ("CartPole-v1", np.zeros((NUM_ENVS, 0), np.int64)),      # the right rows, zero-size
+    ("Pendulum-v1", np.zeros((NUM_ENVS, 1, 0), np.float32)),  # one dimension too many, zero-size
+    ("Pendulum-v1", np.zeros((NUM_ENVS, 1), np.complex64)),  # not real numbers
+    ("Pendulum-v1", [["a"]] * NUM_ENVS),                     # strings
+    ("Pendulum-v1", [[0.5], [0.5, 0.5]] * 2),                # ragged
+], ids=["too-many", "float-discrete", "box-shape", "dict-obs-box-shape", "zero-size-rows", "zero-size",
+        "zero-size-ndim", "complex", "strings", "ragged"])
 def test_invalid_actions_are_refused_before_sending(make_vec, url, env_id, bad):
     vec = make_vec(env_id)
     vec.reset(seed=0)
@@ -224,6 +231,19 @@ def test_invalid_actions_are_refused_before_sending(make_vec, url, env_id, bad):
         vec.step(bad)
     assert worker_calls(url) == before, "nothing may reach the workers"
     vec.step(vec.action_space.sample())  # and the vector is still usable
+
+
+def test_actions_the_client_did_not_check_are_refused_by_the_worker(make_vec):
+    # A peer that skips RemoteEnvVec's checks reaches the worker, which checks again before
+    # iterating anything, and answers with the wire code of InvalidActionError.
+    vec = make_vec("CartPole-v1")
+    vec.reset(seed=0)
+    worker, slots, start, stop = vec._groups[0]
+    for bad in (np.zeros((60_000, 0), np.int64), np.zeros(stop - start, np.float32)):
+        with pytest.raises(InvalidActionError, match=r"Discrete\(2\)"):
+            vec._client.call(worker, slots, {"op": "step", "a": bad, "m": 0}, T)
+    obs, rewards, *_ = vec.step(np.zeros(NUM_ENVS, np.int64))  # and the slots serve on
+    assert rewards.tolist() == [1.0] * NUM_ENVS
 
 
 def test_max_workers_one_packs_the_slots(make_vec):

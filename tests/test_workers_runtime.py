@@ -475,12 +475,15 @@ MALFORMED = {
     "slots a string": _encoded({"r": 5, "op": "reset", "slots": "123"}),
     "slots empty": _encoded({"r": 5, "op": "step", "slots": [], "a": np.array([], np.int64), "m": 0}),
     "slot unhashable": _encoded({"r": 5, "op": "reset", "slots": [[1]]}),
+    "slot repeated": _encoded({"r": 5, "op": "step", "slots": [1, 2, 3, 1], "a": np.array([0, 1, 0, 1]), "m": 0}),
+    "slot repeated in a reset": _encoded({"r": 5, "op": "reset", "slots": [2, 2]}),
     "too few actions": _encoded({"r": 5, "op": "step", "slots": SLOTS, "a": np.array([0, 1]), "m": 0}),
     "too many actions": _encoded({"r": 5, "op": "step", "slots": SLOTS, "a": np.array([0, 1, 0, 1]), "m": 0}),
     "no actions": _encoded({"r": 5, "op": "step", "slots": SLOTS, "m": 0}),
     "actions a string": _encoded({"r": 5, "op": "step", "slots": SLOTS, "a": "left", "m": 0}),
     "seeds too short": _encoded({"r": 5, "op": "reset", "slots": SLOTS, "seeds": [1]}),
     "seeds not a list": _encoded({"r": 5, "op": "reset", "slots": SLOTS, "seeds": 7}),
+    "seeds too long": _encoded({"r": 5, "op": "reset", "slots": SLOTS, "seeds": list(range(100_000))}),
 }
 
 
@@ -500,12 +503,25 @@ def test_malformed_call_gets_an_error_reply(header):
 
 
 @pytest.mark.parametrize("name", ["junk bytes", "empty header", "not a map", "unknown op",
-                                  "slots not a list", "too few actions", "too many actions",
-                                  "seeds too short"])
+                                  "slots not a list", "slot unhashable", "slot repeated",
+                                  "slot repeated in a reset", "seeds too short", "seeds too long"])
 def test_malformed_call_is_a_protocol_error(name):
     host = opened_host("CartPole-v1")
     call(host, {"r": 1, "op": "reset", "slots": SLOTS})
     assert_error(raw_call(host, MALFORMED[name]), "protocol")
+    assert host.stats["steps"] == 0  # refused before any env ran
+    host.close_all()
+
+
+@pytest.mark.parametrize("name", ["too few actions", "too many actions", "no actions", "actions a string"])
+def test_actions_that_do_not_fit_are_an_action_error(name):
+    # "action" is the wire code of InvalidActionError: the client raises what its own check
+    # would have raised. (tests/test_workers_hostile.py has the hostile shapes.)
+    host = opened_host("CartPole-v1")
+    call(host, {"r": 1, "op": "reset", "slots": SLOTS})
+    error = assert_error(raw_call(host, MALFORMED[name]), "action")
+    assert "Discrete(2)" in error["msg"]
+    assert host.stats["steps"] == 0
     host.close_all()
 
 

@@ -35,23 +35,40 @@ Failures: an exception inside an env becomes an ``env`` error reply with the
 traceback text; the slot host keeps serving every slot. A call naming a slot the
 client does not own gets a ``closed`` error. Nothing a client sends raises out of
 :meth:`SlotHost.call`.
+
+Hostile input (the broker may sit on a public address, and one worker hosts many
+clients' slots): no call may make the worker run work out of proportion to what the
+client legitimately owns, since a long call holds the GIL, heartbeats stop and every
+client on the worker loses its slots. So actions are checked whole against the slot
+count and the action space (structure, shapes, dtypes: ``remoterl.actions.check_actions``,
+the check the client ran before sending) before anything is iterated, and a bad one
+gets an ``action`` error (``InvalidActionError`` on the client); a call names each
+slot once; the codec bounds what a zero-size array may span. Nothing from the wire
+makes the worker import a module ``--import``/``--allow-import`` do not permit:
+neither a registration's entry point nor an env id written ``module:Env-v0``, which
+``gymnasium.make`` would otherwise import.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 import logging
+import reprlib
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import gymnasium
+import msgpack
 import numpy as np
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
 
 from remoterl import codec
-from remoterl.errors import CodecError, ProtocolError, RemoteRLError, UnsupportedSpaceError, error_to_wire
+from remoterl.actions import check_action, check_actions
+from remoterl.errors import (CodecError, InvalidActionError, ProtocolError, RemoteRLError, UnsupportedSpaceError,
+                             error_to_wire)
 from remoterl.spaces import space_to_wire
 
 __all__ = ["AUTORESET_MODES", "SlotHost"]
@@ -83,6 +100,9 @@ class SlotHost:
             gymnasium (the embedded default).
         capacity: the most slots hosted at once (announced in READY).
         make: the env factory, ``gymnasium.make`` by default.
+        allow_import: modules (and their submodules) that registrations and ``module:Id``
+            env ids may import; ``None`` allows any module (the embedded default, a private
+            worker of one trainer), ``()`` none.
     """
 
     def __init__(self, env_ids: list[str] | None, capacity: int, make: Callable[..., Any] | None = None,
@@ -100,7 +120,8 @@ class SlotHost:
     # --- what the broker is told ------------------------------------------------------------
 
     def served(self) -> list[str]:
-        """Env ids for READY; ``["*"]`` means any id gymnasium can make here."""
+        """Env ids for READY; ``["*"]`` means any id registered in gymnasium here (a ``module:Id``
+        form only for a module the allow-list permits)."""
         return ["*"] if self.env_ids is None else list(self.env_ids)
 
     # --- registration mirroring -----------------------------------------------------------------
@@ -110,28 +131,39 @@ class SlotHost:
 
         Only the module named by the entry point is imported, and only if the allow-list
         permits it (``--allow-import``, plus the modules given to ``--import``). Nothing
-        executable crosses the wire: just the string, kwargs and spec fields.
+        executable crosses the wire: just the string, kwargs and spec fields. The entry point
+        must be ``module:Name`` where ``Name`` is an env class (a ``gymnasium.Env`` subclass) or
+        a callable defined in an allowed module: an allowed module's imports (``os.system``,
+        ``importlib.import_module``) are not entry points, since ``gymnasium.make`` would call
+        them with the kwargs of any OPEN.
 
         Returns:
             ``(True, "")`` when the id is now served here, else ``(False, reason)``.
         """
-        env_id, entry = spec.get("id"), spec.get("entry_point")
-        if not isinstance(env_id, str) or not isinstance(entry, str) or ":" not in entry:
-            return False, "a registration needs an env id and an entry point 'module:Attribute'"
-        module = entry.partition(":")[0]
-        allowed = self.allow_import is None or any(
-            module == prefix or module.startswith(prefix + ".") for prefix in self.allow_import)
-        if not allowed:
-            listing = ", ".join(self.allow_import or []) or "nothing"
-            return False, (f"module {module!r} is not allowed here (--allow-import allows: {listing}); "
-                           f"start the worker with --import {module} or --allow-import {module}")
+        env_id, entry, kwargs = spec.get("id"), spec.get("entry_point"), spec.get("kwargs") or {}
+        if not isinstance(env_id, str) or not isinstance(entry, str) or ":" not in entry \
+                or not isinstance(kwargs, dict):
+            return False, "a registration needs an env id, an entry point 'module:Attribute' and kwargs (a map)"
+        module, _, attr = entry.partition(":")
+        if not _is_module_name(module) or not attr.isidentifier():
+            return False, f"entry point {entry!r} is not 'module:Attribute' (a dotted module path, one name)"
+        if ":" in env_id:
+            # gymnasium.make would read "x:Id" as "import x, then make Id".
+            return False, f"env id {env_id!r} has a module part; register the id without 'module:'"
+        if not self._may_import(module):
+            return False, self._not_allowed(module)
         try:
-            importlib.import_module(module)
+            target = getattr(importlib.import_module(module), attr, None)
         except Exception as exc:  # an import runs user code: report, never crash
             return False, f"module {module!r} cannot be imported on this worker: {type(exc).__name__}: {exc}"
+        if target is None:
+            return False, f"module {module!r} has no attribute {attr!r} on this worker"
+        if not self._is_entry_point(target):
+            return False, (f"entry point {entry!r} is not an env class or a callable defined in an allowed module "
+                           f"(it is {type(target).__name__} {getattr(target, '__module__', '?')}."
+                           f"{getattr(target, '__qualname__', '?')})")
         fields = {k: spec[k] for k in ("reward_threshold", "nondeterministic", "max_episode_steps",
                                        "order_enforce", "disable_env_checker") if spec.get(k) is not None}
-        kwargs = spec.get("kwargs") or {}
         try:
             if env_id not in gymnasium.registry or gymnasium.registry[env_id].entry_point != entry:
                 gymnasium.register(id=env_id, entry_point=entry, kwargs=dict(kwargs), **fields)
@@ -140,6 +172,27 @@ class SlotHost:
         if self.env_ids is not None and env_id not in self.env_ids:
             self.env_ids.append(env_id)
         return True, ""
+
+    def _may_import(self, module: str) -> bool:
+        """Whether the allow-list permits importing ``module`` (prefix match on package names)."""
+        if not _is_module_name(module):
+            return False
+        return self.allow_import is None or any(
+            module == prefix or module.startswith(prefix + ".") for prefix in self.allow_import)
+
+    def _not_allowed(self, module: str) -> str:
+        listing = ", ".join(self.allow_import or []) or "nothing"
+        return f"module {module!r} is not allowed here (--allow-import allows: {listing}); {_how_to_allow(module)}"
+
+    def _is_entry_point(self, target: Any) -> bool:
+        if self.allow_import is None:  # any module may be imported: any of its names is reachable anyway
+            return True
+        while isinstance(target, functools.partial):
+            target = target.func
+        if isinstance(target, type) and issubclass(target, gymnasium.Env):
+            return True
+        home = getattr(target, "__module__", None)
+        return callable(target) and isinstance(home, str) and self._may_import(home)
 
     # --- open / close ----------------------------------------------------------------------
 
@@ -157,6 +210,17 @@ class SlotHost:
         if self.env_ids is not None and env_id not in self.env_ids:
             reply["error"] = {"code": "no_worker", "msg": f"this worker does not serve {env_id!r}"}
             return reply
+        if ":" in env_id:
+            # gymnasium.make("pkg.mod:Env-v0") imports pkg.mod first: from the wire, that is any
+            # module on the worker's path, whatever --import/--allow-import say. "*" means the ids
+            # registered here, so only an allowed module may be named.
+            module = env_id.partition(":")[0]
+            if not self._may_import(module):
+                reply["error"] = {"code": "no_worker", "msg": (
+                    f"env id {env_id!r} names the module {module!r}, which this worker may not import. "
+                    f"Open the env by its registered id (without '{module}:') on a worker that serves it, "
+                    f"or {_how_to_allow(module)}")}
+                return reply
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in slot_ids) \
                 or len(set(slot_ids)) != len(slot_ids) or any(s in self.slots for s in slot_ids):
             reply["error"] = {"code": "protocol", "msg": f"OPEN slots {slot_ids!r} must be distinct new integers"}
@@ -219,7 +283,11 @@ class SlotHost:
         self.stats["calls"] += 1
         r = None
         try:
-            request = codec.decode(header, frames, start)
+            try:
+                request = codec.decode(header, frames, start)
+            except ProtocolError:
+                r = _peek_request_id(header)  # so the client can match the error to its call
+                raise
             if not isinstance(request, dict):
                 raise ProtocolError("a call must be a map")
             r = request.get("r")
@@ -233,6 +301,11 @@ class SlotHost:
         except _EnvFailure as failure:
             self.stats["errors"] += 1
             return codec.encode({"r": r, "error": failure.desc})[0], []
+        except InvalidActionError as exc:
+            # "action": the client raises InvalidActionError, as when its own check refuses (spelt
+            # out here rather than left to error_to_wire, which maps only the classes it knows).
+            self.stats["errors"] += 1
+            return codec.encode({"r": r, "error": {"code": "action", "msg": str(exc)}})[0], []
         except RemoteRLError as exc:
             self.stats["errors"] += 1
             return codec.encode({"r": r, "error": error_to_wire(exc)})[0], []
@@ -243,6 +316,14 @@ class SlotHost:
     def _own(self, client: bytes, slot_ids: Any) -> list[_Slot]:
         if not isinstance(slot_ids, list) or not slot_ids:
             raise ProtocolError("a call needs a non-empty list of slots")
+        try:
+            distinct = len(set(slot_ids)) == len(slot_ids)
+        except TypeError:  # an unhashable slot id
+            distinct = False
+        if not distinct:
+            # One step per slot per call: a slot named N times would cost N steps of its env for
+            # N bytes, and block every other client's slots on this worker meanwhile.
+            raise ProtocolError(f"a call must name each of its slots once, got {reprlib.repr(slot_ids)}")
         out = []
         for slot_id in slot_ids:
             slot = self.slots.get(slot_id)
@@ -278,14 +359,18 @@ class SlotHost:
         mode = request.get("m")
         if mode not in AUTORESET_MODES:
             raise ProtocolError(f"step 'm' must be an autoreset mode {sorted(AUTORESET_MODES)}, got {mode!r}")
-        space = self._batched_space(slots[0], len(slots))
+        k = len(slots)
+        # Shapes and dtypes first, whole (InvalidActionError): iterating a batch that does not fit
+        # can cost without bound — a zero-size array of shape (2**25, 0) is 42 bytes on the wire
+        # and 2**25 Python objects to iterate, with the GIL held and heartbeats stopped.
+        batch = check_actions(slots[0].env.action_space, request.get("a"), k)
+        space = self._batched_space(slots[0], k)
         try:
-            actions = list(iterate(space, request.get("a")))
+            actions = list(iterate(space, batch))
         except Exception as exc:
             raise ProtocolError(f"actions do not match the batched action space {space}: {exc}") from exc
-        if len(actions) != len(slots):
-            raise ProtocolError(f"got {len(actions)} actions for {len(slots)} slots")
-        k = len(slots)
+        if len(actions) != k:
+            raise ProtocolError(f"got {len(actions)} actions for {k} slots")
         obs_list: list = [None] * k
         infos: list = [None] * k
         # Plain lists in the loop (numpy element access costs ~0.1 us a time, several times per
@@ -334,8 +419,10 @@ class SlotHost:
         if len(slots) != 1:
             raise ProtocolError("a single-env step names exactly one slot")
         slot = slots[0]
+        action = request.get("a")
+        check_action(slot.env.action_space, action)  # as RemoteEnv.step did before sending
         try:
-            obs, reward, terminated, truncated, info = slot.env.step(request.get("a"))
+            obs, reward, terminated, truncated, info = slot.env.step(action)
         except Exception as exc:
             raise _EnvFailure(_env_error(exc, f"step failed in slot {slot.id}", slot.id)) from exc
         self.stats["steps"] += 1
@@ -435,6 +522,25 @@ def _travels(value: Any) -> bool:
     if isinstance(value, (list, tuple, dict)):
         return True
     return False
+
+
+def _peek_request_id(header: Any) -> int | None:
+    """The ``r`` of a call the codec refused (a bad array, say), read with every array skipped."""
+    try:
+        request = msgpack.unpackb(header, ext_hook=lambda code, data: None, raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    r = request.get("r") if isinstance(request, dict) else None
+    return r if isinstance(r, int) and not isinstance(r, bool) else None
+
+
+def _how_to_allow(module: str) -> str:
+    return f"start the worker with --import {module} or --allow-import {module}"
+
+
+def _is_module_name(name: str) -> bool:
+    """A dotted module path, absolute (``pkg.sub``): nothing else is ever imported from the wire."""
+    return bool(name) and all(part.isidentifier() for part in name.split("."))
 
 
 def import_modules(modules: list[str]) -> None:

@@ -85,6 +85,9 @@ class RemoteVecEnv(VecEnv):
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
+        """Send the actions: the formats SB3's algorithms give (``(n,)`` integers for Discrete,
+        ``(n, *shape)`` arrays otherwise) pass ``RemoteEnvVec``'s checks, which refuse anything
+        else with ``InvalidActionError`` before sending (and which the workers run again)."""
         self.venv.step_async(actions)
 
     def step_wait(self) -> tuple[Any, np.ndarray, np.ndarray, list[dict]]:
