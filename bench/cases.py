@@ -20,7 +20,7 @@ from scale import case_scale
 __all__ = ["CASES", "run_case"]
 
 # Case names, in the order they run.
-CASES = ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale", "embedded")
+CASES = ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale", "embedded", "abuse")
 
 # A broker in its own process with one worker: for the latency case (the floor's topology),
 # kept for the embedded case (which releases it; Session.close does otherwise).
@@ -333,6 +333,39 @@ def case_embedded(session: Session, note: Callable[[str], None]) -> Iterator[Fig
     yield Figure("embedded", "RemoteEnv step p50, broker in a process", p50["process"], "µs", base, p50["thread"])
 
 
+# --- hostile peers: what they cost a well-behaved trainer ---------------------------------------------
+
+class AbuseFigure(Figure):
+    """One abuse kind: ``value`` is the trainer's worst step latency beside the 1 s limit
+    (``ratio`` = worst / 1 s, target ≤ 1.0), and ``passed`` needs every check of the trial
+    (``extra["checks"]``: no error, no lost step, latency, no expiry, RSS back, alive, ...)."""
+
+    @property
+    def passed(self) -> bool | None:
+        if self.na is not None:
+            return None
+        return all(self.extra.get("checks", {}).values())
+
+
+def case_abuse(session: Session, note: Callable[[str], None]) -> Iterator[Figure]:
+    from abuse import KINDS, LATENCY_LIMIT_S, summary, trial
+
+    opts = session.options
+    if session.external:
+        yield Figure("abuse", "hostile peers (5 kinds)", target="<= 1.0",
+                     na="n/a: --broker given (each kind starts a fresh broker and worker of its own)")
+        return
+    try:
+        import psutil  # noqa: F401  (the broker's RSS, and killing process trees)
+    except ImportError:
+        yield Figure("abuse", "hostile peers (5 kinds)", target="<= 1.0", na="n/a: pip install psutil")
+        return
+    for kind in KINDS:
+        result = trial(kind, quick=opts.quick, note=note)
+        yield AbuseFigure("abuse", f"{result['label']}: {summary(result)}", result["worst_latency_s"] * 1000.0, "ms",
+                          "limit, worst step", LATENCY_LIMIT_S * 1000.0, "<= 1.0", extra=result)
+
+
 _CASES: dict[str, Callable[[Session, Callable[[str], None]], Iterator[Figure]]] = {
     "latency": case_latency,
     "throughput": case_throughput,
@@ -342,4 +375,5 @@ _CASES: dict[str, Callable[[Session, Callable[[str], None]], Iterator[Figure]]] 
     "sb3": case_sb3,
     "scale": case_scale,
     "embedded": case_embedded,
+    "abuse": case_abuse,
 }

@@ -1,7 +1,7 @@
 """remoterl benchmark suite: every remote figure beside its local baseline, measured in the same run.
 
     python bench/run.py                       # everything, embedded broker and workers
-    python bench/run.py --quick               # the whole suite in under 20 s (smoke test)
+    python bench/run.py --quick               # the whole suite in about 25 s (smoke test)
     python bench/run.py --pin 0               # this process and every child on CPU 0
     python bench/run.py --case latency --case throughput --duration 5
     python bench/run.py --broker tcp://127.0.0.1:5555   # workers must already be attached

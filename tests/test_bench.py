@@ -13,10 +13,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import T
+from conftest import HEARTBEAT, LIVENESS, T, cli, free_url, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "bench", "run.py")
+ABUSE = os.path.join(ROOT, "bench", "abuse.py")
 
 
 @pytest.fixture
@@ -102,3 +103,67 @@ def test_timeline_stamps_steps_in_order():
     stamped = int(lines[0].split(": ")[1].split()[0])
     assert stamped >= 50, proc.stdout  # most steps stamped in the expected order
     assert "call → call done" in proc.stdout and "whole step" in lines[-1]
+
+
+@pytest.fixture
+def abuse():
+    """bench/abuse.py as a module (it imports nothing from bench/)."""
+    spec = importlib.util.spec_from_file_location("remoterl_bench_abuse", ABUSE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_hostile_peers_send_what_they_say_and_stop(abuse, procs, tmp_path):
+    """Each abuse of bench/abuse.py, tiny, over tcp:// and ws://: it sends exactly what it
+    reports, within its time limit, and the broker still answers afterwards."""
+    from remoterl.cli import fetch_status
+
+    key, other = "k-abuse-trainers", "k-abuse-others"
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"{key} trainers\n{other} others\n")
+    url = free_url()
+    ws_url = free_url().replace("tcp://", "ws://")
+    hb = ["--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS)]
+    procs([*cli("remoterl-broker"), "--bind", url, "--api-keys", str(keys), "--ws", ws_url[5:], *hb])
+    procs([*cli("remoterl-worker"), "--broker", url, "--env", "CartPole-v1", "-n", "4", "--procs", "1",
+           "--api-key", key, *hb])
+
+    def registered():
+        try:
+            return fetch_status(url, timeout=0.5, api_key=key)["workers"]
+        except Exception:
+            return None
+
+    workers = wait_for(registered, what="the worker registered")
+    limit = 5.0
+    for target in (url, ws_url):
+        transport = target.split(":")[0]
+        sent = {
+            "frames": abuse.many_frames(target, frames=70_000, time_limit=limit, linger=0.5),
+            "malformed": abuse.malformed(target, other, count=300, worker_ids=[bytes.fromhex(workers[0]["id"])],
+                                         big_header=100_000, big_every=100, throwaway_every=30, time_limit=limit),
+            "flood": abuse.call_flood(target, key, calls=500, time_limit=limit),
+            "zero_size": abuse.zero_size_actions(target, key, rows=1 << 16, repeats=2, reply_timeout=2.0,
+                                                 time_limit=limit),
+            "names": abuse.huge_names(target, other, hellos=2, name_bytes=100_000, status_timeout=2.0,
+                                      time_limit=limit),
+        }
+        for kind, s in sent.items():
+            assert s.kind == kind and s.transport == transport, s
+            assert s.stopped == "done", s
+            assert s.seconds <= limit + 2.0, s
+        assert sent["frames"].messages == 1 and sent["frames"].frames == 70_000
+        assert sent["malformed"].messages == 300 and sent["malformed"].notes["hello"] is True
+        assert sent["malformed"].notes["sent_by_kind"] == {"throwaway_mdp": 9, "big_header": 3, "templates": 288}
+        assert any(k.startswith("ERROR") for k in sent["malformed"].replies), sent["malformed"]
+        assert sent["flood"].messages == 500 and sent["flood"].notes["reset"] == "REPLY"
+        assert len(sent["zero_size"].notes["answers"]) == 2
+        assert sent["names"].messages == 3 and sent["names"].notes["hello_answers"] == 2
+    after = fetch_status(url, timeout=T, api_key=key)
+    assert [w["id"] for w in after["workers"]] == [w["id"] for w in workers]
