@@ -534,6 +534,24 @@ class _Session:
                 kind = f"REPLY error:{error.get('code')}"
         return kind, seconds
 
+    def start(self, name: str, env_id: str) -> tuple[int, bytes] | None:
+        """HELLO, OPEN one slot of ``env_id`` and reset it; return ``(slot, worker)``, or None
+        with ``sent.stopped`` saying what failed. What was sent until then is not counted."""
+        sent = self.sent
+        if not self.hello(name):
+            sent.stopped = "error: no WELCOME"
+            return None
+        opened = self.open_one(env_id)
+        if opened is None:
+            sent.stopped = "error: OPEN not answered with OPENED"
+            return None
+        slot, worker = opened
+        sent.notes.update(slot=slot, worker=worker.hex())
+        header, frames = codec.encode({"op": "reset", "seeds": [0], "options": None, "r": 2, "slots": [slot]})
+        sent.notes["reset"] = self.call(worker, header, frames, 2, self._wait(10.0))[0]
+        sent.messages = sent.frames = sent.bytes = 0
+        return opened
+
     def bye(self) -> None:
         self.peer.send(_CLIENT_BYE, self.deadline)
 
@@ -697,18 +715,10 @@ def call_flood(url: str, key: str, calls: int = 200_000, *, env_id: str = ENV_ID
     try:
         with _peers(url, key, auth, deadline, linger, sent) as open_peer:
             client = _Session(open_peer(), key, sent, deadline)
-            if not client.hello("flood"):
-                sent.stopped = "error: no WELCOME"
-                return _finish(sent, started)
-            opened = client.open_one(env_id)
+            opened = client.start("flood", env_id)
             if opened is None:
-                sent.stopped = "error: OPEN not answered with OPENED"
                 return _finish(sent, started)
             slot, worker = opened
-            sent.notes.update(slot=slot, worker=worker.hex())
-            header, frames = codec.encode({"op": "reset", "seeds": [0], "options": None, "r": 2, "slots": [slot]})
-            sent.notes["reset"] = client.call(worker, header, frames, 2, client._wait(10.0))[0]
-            sent.messages = sent.frames = sent.bytes = 0
             header, frames = _step_header(slot, 3, np.zeros(1, np.int64))
             message = [_CALL, worker, header, *frames]
             size = sum(len(f) for f in message)
@@ -749,18 +759,10 @@ def zero_size_actions(url: str, key: str, rows: int = 1 << 25, repeats: int = 3,
     try:
         with _peers(url, key, auth, deadline, linger, sent) as open_peer:
             client = _Session(open_peer(), key, sent, deadline)
-            if not client.hello("zero-size"):
-                sent.stopped = "error: no WELCOME"
-                return _finish(sent, started)
-            opened = client.open_one(env_id)
+            opened = client.start("zero-size", env_id)
             if opened is None:
-                sent.stopped = "error: OPEN not answered with OPENED"
                 return _finish(sent, started)
             slot, worker = opened
-            sent.notes.update(slot=slot, worker=worker.hex())
-            header, frames = codec.encode({"op": "reset", "seeds": [0], "options": None, "r": 2, "slots": [slot]})
-            sent.notes["reset"] = client.call(worker, header, frames, 2, client._wait(10.0))[0]
-            sent.messages = sent.frames = sent.bytes = 0
             for i in range(repeats):
                 r = 10 + i
                 wait = min(reply_timeout, deadline - time.monotonic())
