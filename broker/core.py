@@ -115,6 +115,7 @@ class RLWorker:
     clients: collections.Counter = field(default_factory=collections.Counter)
     calls: int = 0
     stats: dict = field(default_factory=dict)
+    hb_from: bytes | None = None  # the socket its heartbeats come from (a side socket)
 
     @property
     def free(self) -> int:
@@ -132,6 +133,7 @@ class RLClient:
     slots: set = field(default_factory=set)
     workers: collections.Counter = field(default_factory=collections.Counter)
     inflight: dict = field(default_factory=dict)  # worker id -> calls forwarded, not yet answered
+    hb_from: bytes | None = None  # the socket its heartbeats come from (a side socket)
 
 
 @dataclass(eq=False)
@@ -411,10 +413,17 @@ class BrokerCore:
 
     def excuse(self, seconds: float) -> None:
         """The loop could not read for ``seconds`` (it drained an oversized message): every
-        peer's silence during that time is forgiven, so nobody expires for it."""
-        for table in (self.workers, self.clients, self.mdp_workers):
+        peer's silence during that time is forgiven, so nobody expires for it, and the remoterl
+        peers' heartbeat sockets are sent a pong, so they do not give the broker up either (their
+        own pings wait unread meanwhile)."""
+        for table, frame in ((self.workers, _W_HEARTBEAT), (self.clients, _C_HEARTBEAT)):
             for peer in table.values():
                 peer.last_seen += seconds
+                if peer.hb_from is not None:
+                    self._out.append([peer.hb_from, frame, p.encode_header(
+                        {"broker": self.instance, "known": True, "id": peer.id})])
+        for mdp in self.mdp_workers.values():  # tick() heartbeats them as usual
+            mdp.last_seen += seconds
 
     def next_deadline(self) -> float:
         """The monotonic time at which :meth:`tick` has work to do."""
@@ -727,6 +736,7 @@ class BrokerCore:
                 peer.stats = _plain_stats(stats)
         if peer is not None:
             peer.last_seen = now
+            peer.hb_from = sender
         self._out.append([sender, frame, p.encode_header({"broker": self.instance, "known": peer is not None, "id": peer_id})])
 
     def _on_ready_checked(self, sender: bytes, frames: list, now: float, role: str) -> None:
@@ -1078,6 +1088,8 @@ class _Reply(ProtocolError):
 
 _C_CALL = p.client_frame(C.CALL)
 _W_REPLY = p.worker_frame(W.REPLY)
+_C_HEARTBEAT = p.client_frame(C.HEARTBEAT)
+_W_HEARTBEAT = p.worker_frame(W.HEARTBEAT)
 # Registrations are kept for workers that join later; this bounds what clients can store.
 _MAX_REGISTRATIONS = 1000
 

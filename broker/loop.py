@@ -226,8 +226,9 @@ class Broker:
 
         libzmq hands over a multipart message whole, so nobody else's message can be read
         until this one is; meanwhile the core's timers keep running (MDP heartbeats, open
-        deadlines) and the time spent here is excused to every peer, so none expires for
-        a silence the broker could not hear.
+        deadlines), and the time spent here is excused to every peer (none expires for a
+        silence the broker could not hear) and answered with pongs to their heartbeat sockets
+        (none gives the broker up): :meth:`BrokerCore.excuse`.
         """
         sock, core, monotonic = self._sock, self.core, time.monotonic
         into, more, scratch = sock.recv_into, sock.getsockopt, bytearray(64)  # type: ignore[union-attr]
@@ -236,7 +237,7 @@ class Broker:
         while more(_RCVMORE):
             into(scratch)  # frames longer than scratch are truncated: they are dropped anyway
             count += 1
-            if count & 0xFFFF == 0 and (now := monotonic()) - mark >= self.config.heartbeat / 4:
+            if count & 0x1FFF == 0 and (now := monotonic()) - mark >= self.config.heartbeat / 4:
                 core.excuse(now - mark)
                 mark = now
                 core.tick(now)
