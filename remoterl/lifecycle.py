@@ -30,7 +30,7 @@ from typing import Any
 
 from remoterl.errors import BrokerUnavailableError
 
-__all__ = ["Settings", "get_client", "init", "settings", "shutdown"]
+__all__ = ["Settings", "get_client", "init", "patch_loaded", "settings", "shutdown"]
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,18 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
     Returns:
         The settings (trainer role); a simulator returns None when interrupted.
 
+    Calling it again returns the same settings; asking then for another broker or API key
+    raises ``ValueError`` (call :func:`shutdown` first).
+
     Raises:
-        ValueError: unknown role, or the simulator role without a broker URL.
+        ValueError: unknown role, the simulator role without a broker URL, or a second
+            call asking for another broker or key.
         BrokerUnavailableError: no broker answers at the URL.
     """
     global _settings, _atexit_registered
     if role not in ("trainer", "simulator"):
         raise ValueError(f"role must be 'trainer' or 'simulator', got {role!r}")
+    explicit_key = api_key
     api_key = api_key or os.environ.get("REMOTERL_API_KEY") or None
     url = broker or os.environ.get("REMOTERL_BROKER") or None
     if role == "simulator":
@@ -101,7 +106,8 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
         return None
     with _lock:
         if _settings is not None:
-            return _settings  # init twice: harmless, the first settings stay
+            _check_same(_settings, broker, explicit_key)
+            return _settings  # init twice with nothing new: harmless, the settings stay
         embedded = None
         children_url = url
         if url is None:
@@ -200,8 +206,13 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 def exec_module(module: Any) -> None:
                     loader_exec(module)
                     _remove_hook(self.integration)
-                    if _settings is not None and _settings.patched:
-                        importlib.import_module(self.integration).patch()
+                    integration = sys.modules.get(self.integration)
+                    if integration is not None and not hasattr(integration, "patch"):
+                        # The integration is importing the framework itself (``import
+                        # remoterl.sb3`` after init()): it is only half loaded here, and
+                        # remoterl.sb3 / remoterl.rllib call patch_loaded() once it is whole.
+                        return
+                    patch_loaded(self.integration)
 
                 spec.loader.exec_module = exec_module  # type: ignore[method-assign]
                 return spec
@@ -224,6 +235,25 @@ def _patch_frameworks_when_imported() -> None:
         elif integration not in _hooks and importlib.util.find_spec(top) is not None:
             _hooks[integration] = _AfterImport(target, integration)
             sys.meta_path.insert(0, _hooks[integration])
+
+
+def _check_same(current: Settings, broker: str | None, api_key: str | None) -> None:
+    """A second ``init()`` may repeat the first; asking for another broker or key is an error,
+    never silently ignored (the envs made so far would keep talking to the first broker)."""
+    where = "the embedded broker" if current.embedded is not None else current.broker
+    if broker is not None and (current.embedded is not None or broker != current.broker):
+        raise ValueError(f"remoterl.init() already runs with {where}; call remoterl.shutdown() first "
+                         f"to use {broker}")
+    if api_key is not None and api_key != current.api_key:
+        raise ValueError(f"remoterl.init() already runs with another API key for {where}; "
+                         f"call remoterl.shutdown() first to change it")
+
+
+def patch_loaded(integration: str) -> None:
+    """Patch a framework through its integration module (``remoterl.integrations.sb3``, ...)
+    if ``init()`` asked for patches; a no-op otherwise, and when already patched."""
+    if _settings is not None and _settings.patched:
+        importlib.import_module(integration).patch()
 
 
 def _remove_hook(integration: str) -> None:

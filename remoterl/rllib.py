@@ -6,6 +6,11 @@ by itself in ``config.environment(...)`` and ``config.build_algo()``. ``RemoteEn
 is the ``SingleAgentEnvRunner`` subclass it installs.
 """
 
+from remoterl import lifecycle as _lifecycle
 from remoterl.integrations.rllib import RemoteEnvRunner, remote_env_runners
 
 __all__ = ["RemoteEnvRunner", "remote_env_runners"]
+
+# After remoterl.init(), importing this module may be what imports the framework: the patch
+# waits until the integration is whole (remoterl.lifecycle._AfterImport).
+_lifecycle.patch_loaded("remoterl.integrations.rllib")

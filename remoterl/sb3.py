@@ -4,6 +4,11 @@
 worker; ``RemoteEnvFn`` a picklable env function for ``SubprocVecEnv``/``DummyVecEnv``.
 """
 
+from remoterl import lifecycle as _lifecycle
 from remoterl.integrations.sb3 import RemoteEnvFn, RemoteVecEnv, remote_make_vec_env
 
 __all__ = ["RemoteEnvFn", "RemoteVecEnv", "remote_make_vec_env"]
+
+# After remoterl.init(), importing this module may be what imports the framework: the patch
+# waits until the integration is whole (remoterl.lifecycle._AfterImport).
+_lifecycle.patch_loaded("remoterl.integrations.sb3")

@@ -199,6 +199,33 @@ def test_init_twice_and_shutdown_twice_are_harmless(url):
     assert remoterl.init(broker=url) is not first  # init after shutdown starts afresh
 
 
+def test_init_again_with_another_broker_or_key_is_refused(url):
+    first = remoterl.init(broker=url)
+    with pytest.raises(ValueError, match="shutdown"):
+        remoterl.init(broker="tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match="API key"):
+        remoterl.init(broker=url, api_key="another")
+    assert settings() is first and first.broker == url
+
+
+SB3_AFTER_INIT = """
+import remoterl
+remoterl.init(broker={url!r})
+import remoterl.sb3  # imports Stable-Baselines3 itself, after init()
+from stable_baselines3.common.env_util import make_vec_env
+venv = make_vec_env("CartPole-v1", n_envs=2)
+print(type(venv.venv).__name__, flush=True)
+venv.close()
+"""
+
+
+def test_import_remoterl_sb3_after_init(url):
+    out = subprocess.run([sys.executable, "-c", SB3_AFTER_INIT.format(url=url)], capture_output=True, text=True,
+                         timeout=6 * T)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "RemoteVecEnv"
+
+
 def test_broker_from_the_environment(url, monkeypatch):
     monkeypatch.setenv("REMOTERL_BROKER", url)
     current = remoterl.init()
