@@ -98,7 +98,10 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     pool.start()
-    sys.exit(pool.supervise())
+    code = pool.supervise()
+    if code == REFUSED_EXIT_CODE:
+        raise click.ClickException("the broker refused the worker processes (see the errors above)")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

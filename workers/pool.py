@@ -96,6 +96,7 @@ class WorkerPool:
         self.procs: list = [None] * len(specs)
         self._restarts: list[list[float]] = [[] for _ in specs]
         self._stopping = False
+        self._gave_up: list[int] = []  # exit codes of children not restarted
 
     def start(self) -> None:
         for i in range(len(self.specs)):
@@ -131,6 +132,7 @@ class WorkerPool:
                     continue
                 if proc.exitcode == REFUSED_EXIT_CODE:
                     log.error("worker process %d was refused by the broker; not restarting it", i)
+                    self._gave_up.append(REFUSED_EXIT_CODE)
                     self.procs[i] = None
                     continue
                 now = time.monotonic()
@@ -139,6 +141,7 @@ class WorkerPool:
                 if len(recent) >= _MAX_RESTARTS:
                     log.error("worker process %d exited with %s %d times in %.0f s; not restarting it",
                               i, proc.exitcode, len(recent), _RESTART_WINDOW)
+                    self._gave_up.append(1)
                     self.procs[i] = None
                     continue
                 log.warning("worker process %d exited with code %s; restarting it", i, proc.exitcode)
@@ -147,9 +150,11 @@ class WorkerPool:
         return self.join()
 
     def join(self, timeout: float = 10.0) -> int:
-        """Wait for stopped children (SIGKILL after ``timeout``); 0 if all exited cleanly."""
+        """Wait for stopped children (SIGKILL after ``timeout``); return 0 if all exited
+        cleanly, :data:`REFUSED_EXIT_CODE` if the broker refused any, else 1 if any failed or
+        was given up on."""
         deadline = time.monotonic() + timeout
-        code = 0
+        code = max(self._gave_up, default=0)
         for proc in self.procs:
             if proc is None:
                 continue
@@ -159,5 +164,5 @@ class WorkerPool:
                 proc.kill()
                 proc.join()
             if proc.exitcode not in (0, -signal.SIGTERM):
-                code = 1
+                code = max(code, 1)
         return code
