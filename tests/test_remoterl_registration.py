@@ -6,7 +6,7 @@ import gymnasium
 import pytest
 
 import remoterl
-from conftest import start_broker, start_worker, status
+from conftest import T, start_broker, start_worker, status, wait_for
 from remoterl.integrations import gymnasium as gym_patch
 
 ENTRY = "remoterl_custom_env:CountingEnv"
@@ -19,7 +19,7 @@ def trainer(procs, broker_url):
     remoterl.init(broker=broker_url)
     yield broker_url
     remoterl.shutdown()
-    for env_id in ("Counting-v0", "Counting-v1", "Counting-v2"):
+    for env_id in ("Counting-v0", "Counting-v1", "Counting-v2", "Counting-v3"):
         gymnasium.registry.pop(env_id, None)
 
 
@@ -60,6 +60,8 @@ def test_allow_import_and_late_joining_workers(procs, broker_url, trainer):
     gymnasium.register(id="Counting-v2", entry_point=ENTRY)  # no worker yet: kept by the broker
     start_worker(procs, broker_url, "--env", "CartPole-v1", "--allow-import", "remoterl_custom_env", "-n", "2",
                  "--procs", "1", expect=1)
+    # The broker hands a joining worker the registrations at READY; it serves the id once it answers.
+    wait_for(lambda: "Counting-v2" in status(broker_url)["workers"][0]["envs"], what="the late worker registered it")
     vec = gymnasium.make_vec("Counting-v2", num_envs=2)
     obs, _ = vec.reset(seed=0)
     assert obs.tolist() == [[0], [0]]
@@ -69,3 +71,48 @@ def test_allow_import_and_late_joining_workers(procs, broker_url, trainer):
 def test_callable_entry_points_stay_local(trainer):
     gymnasium.register(id="Counting-v1", entry_point=lambda: None)  # nothing sent, nothing raised
     assert "Counting-v1" in gymnasium.registry
+
+
+def test_a_class_registered_by_object_travels_by_its_import_path(procs, broker_url, trainer):
+    from remoterl_custom_env import CountingEnv
+
+    start_worker(procs, broker_url, "--env", "CartPole-v1", "--import", "remoterl_custom_env", "-n", "2",
+                 "--procs", "1", expect=1)
+    gymnasium.register(id="Counting-v3", entry_point=CountingEnv, kwargs={"limit": 3})
+    env = gymnasium.make("Counting-v3")
+    try:
+        assert isinstance(env.unwrapped, remoterl.RemoteEnv)
+        env.reset(seed=0)
+        assert [env.step(1)[2] for _ in range(3)] == [False, False, True]
+    finally:
+        env.close()
+
+
+MAIN_CLASS = """
+import gymnasium, remoterl
+
+class MyEnv(gymnasium.Env):
+    observation_space = gymnasium.spaces.Discrete(2)
+    action_space = gymnasium.spaces.Discrete(2)
+
+remoterl.init(broker={url!r})
+gymnasium.register(id="MainEnv-v0", entry_point=MyEnv)
+try:
+    gymnasium.make("MainEnv-v0")
+except remoterl.NoWorkerError as exc:
+    print("NoWorkerError:", exc)
+"""
+
+
+def test_an_env_class_in_main_says_how_to_reach_the_workers(procs, broker_url, tmp_path):
+    import subprocess
+    import sys
+
+    start_broker(procs, broker_url)
+    start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "1", "--procs", "1", expect=1)
+    script = tmp_path / "train.py"
+    script.write_text(MAIN_CLASS.format(url=broker_url))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=3 * T)
+    assert out.returncode == 0, out.stderr
+    assert "NoWorkerError:" in out.stdout
+    assert "__main__ (train.py)" in out.stdout and "--import" in out.stdout

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 from typing import Any
 
 import gymnasium
 from gymnasium.envs import registration
 from gymnasium.envs.registration import EnvSpec
+
+from remoterl.errors import NoWorkerError
 
 __all__ = ["is_patched", "mirror_registration", "patch", "remote_make", "remote_make_vec", "remote_register",
            "unpatch"]
@@ -97,6 +101,14 @@ def _make_original() -> Any:
 def remote_make(id: str | EnvSpec, max_episode_steps: int | None = None,
                 disable_env_checker: bool | None = None, **kwargs: Any) -> gymnasium.Env:
     """``gymnasium.make`` whose env runs on a remote worker (see the module docstring)."""
+    try:
+        return _remote_make(id, max_episode_steps, disable_env_checker, **kwargs)
+    except NoWorkerError as exc:
+        raise _explain_local_only(id, exc) from exc
+
+
+def _remote_make(id: str | EnvSpec, max_episode_steps: int | None, disable_env_checker: bool | None,
+                 **kwargs: Any) -> gymnasium.Env:
     spec = _find_spec(id)
     if spec is None:
         # Not registered here: the workers' registration decides everything, wrappers included.
@@ -118,6 +130,14 @@ def remote_make_vec(id: str | EnvSpec, num_envs: int = 1, vectorization_mode: An
                     vector_kwargs: dict[str, Any] | None = None, wrappers: Any = None,
                     **kwargs: Any) -> gymnasium.vector.VectorEnv:
     """``gymnasium.make_vec`` whose envs run on remote workers (see the module docstring)."""
+    try:
+        return _remote_make_vec(id, num_envs, vectorization_mode, vector_kwargs, wrappers, **kwargs)
+    except NoWorkerError as exc:
+        raise _explain_local_only(id, exc) from exc
+
+
+def _remote_make_vec(id: str | EnvSpec, num_envs: int, vectorization_mode: Any, vector_kwargs: dict[str, Any] | None,
+                     wrappers: Any, **kwargs: Any) -> gymnasium.vector.VectorEnv:
     from remoterl.env import RemoteEnv
     from remoterl.vector import RemoteEnvVec
 
@@ -145,14 +165,55 @@ def remote_make_vec(id: str | EnvSpec, num_envs: int = 1, vectorization_mode: An
 
 
 def remote_register(id: str, entry_point: Any = None, **kwargs: Any) -> None:
-    """``gymnasium.register`` that also registers entry-point strings on the workers."""
+    """``gymnasium.register`` that also registers the env on the workers.
+
+    Only a string travels: an entry-point string as given, or for a class or function the
+    ``"module:Name"`` it can be imported by. One that cannot be imported by name elsewhere
+    (defined in ``__main__`` or inside a function) is registered here only, and making it
+    later says how to make it reach the workers.
+    """
     _originals.get("register", registration.register)(id, entry_point, **kwargs)
+    _local_only.pop(id, None)
     if isinstance(entry_point, str):
         mirror_registration(id)
+    elif entry_point is not None:
+        path, why = _import_path(entry_point)
+        if path is not None:
+            mirror_registration(id, path)
+        else:
+            _local_only[id] = why
 
 
-def mirror_registration(env_id: str) -> dict:
+# Env ids registered here with an entry point the workers cannot import, and why.
+_local_only: dict[str, str] = {}
+
+
+def _import_path(entry_point: Any) -> tuple[str | None, str]:
+    """``("module:Name", "")`` for an object importable by that name, else ``(None, why)``."""
+    module = getattr(entry_point, "__module__", None)
+    name = getattr(entry_point, "__qualname__", None)
+    what = f"{name or entry_point!r}"
+    if module == "__main__":
+        script = getattr(sys.modules.get("__main__"), "__file__", None) or "your script"
+        return None, (f"its entry point {what} is defined in __main__ ({os.path.basename(script)}), which workers "
+                      f"cannot import. Move it to a module (say myenvs.py), register it with "
+                      f"entry_point='myenvs:{name or 'MyEnv'}', and start workers with --import myenvs")
+    if not isinstance(module, str) or not isinstance(name, str) or not name.isidentifier():
+        return None, (f"its entry point {what} cannot be imported by name (defined inside a function?). "
+                      f"Register it with an entry-point string 'package.module:Class' that workers can import")
+    return f"{module}:{name}", ""
+
+
+def _explain_local_only(env_id: Any, exc: NoWorkerError) -> NoWorkerError:
+    why = _local_only.get(env_id.id if isinstance(env_id, EnvSpec) else env_id)
+    return NoWorkerError(f"{exc} {env_id!r} is registered in this process, but {why}") if why else exc
+
+
+def mirror_registration(env_id: str, entry_point: str | None = None) -> dict:
     """Send the local registration of ``env_id`` to the workers; log the ones that refuse.
+
+    Args:
+        entry_point: the ``"module:Name"`` to send, when the local spec holds the object itself.
 
     Returns:
         The broker's answer: ``{"id", "accepted": [...], "refused": {worker: reason}}``.
@@ -161,7 +222,7 @@ def mirror_registration(env_id: str) -> dict:
 
     spec = registration.registry[env_id]
     wire = {
-        "id": spec.id, "entry_point": spec.entry_point, "kwargs": dict(spec.kwargs or {}),
+        "id": spec.id, "entry_point": entry_point or spec.entry_point, "kwargs": dict(spec.kwargs or {}),
         "reward_threshold": spec.reward_threshold, "nondeterministic": spec.nondeterministic,
         "max_episode_steps": spec.max_episode_steps, "order_enforce": spec.order_enforce,
         "disable_env_checker": spec.disable_env_checker,
