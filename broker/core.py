@@ -487,12 +487,14 @@ class BrokerCore:
             # closed slots land here too): a worker cannot message arbitrary peers.
             self.counters["replies_dropped"] += 1
             return
-        inflight = self.clients[client_id].inflight
-        n = inflight.get(sender, 0)
-        if n > 1:
-            inflight[sender] = n - 1
-        else:
-            inflight.pop(sender, None)
+        client = self.clients.get(client_id)  # always there while it holds slots here
+        if client is not None:
+            inflight = client.inflight
+            n = inflight.get(sender, 0)
+            if n > 1:
+                inflight[sender] = n - 1
+            else:
+                inflight.pop(sender, None)
         self._out.append([client_id, _C_REPLY, *frames[2:]])
 
     def _call_refused(self, sender: bytes, frames: list, worker_id: bytes, client: RLClient | None) -> None:
