@@ -44,7 +44,8 @@ def is_loopback(endpoint: str) -> bool:
 @click.option("--api-keys", "api_keys", default=lambda: os.environ.get("REMOTERL_API_KEYS"),
               show_default="$REMOTERL_API_KEYS",
               help="File of 'KEY TENANT' lines (re-read on SIGHUP). Every trainer and worker must then "
-                   "present a key; tenants never see each other's workers.")
+                   "present a key, over tcp already at the connection handshake (ZeroMQ PLAIN, unless "
+                   "--curve-secret); tenants never see each other's workers.")
 @click.option("--insecure", is_flag=True,
               help="Allow binding a non-loopback address without API keys (anyone can connect).")
 @click.option("--curve-secret", type=click.Path(exists=True, dir_okay=False),

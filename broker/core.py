@@ -33,7 +33,10 @@ Rules
   peer's side socket, so a trainer busy in a gradient update stays alive), refreshes
   it. A remoterl peer silent for ``heartbeat × liveness`` seconds is purged: a
   worker's clients get WORKER_LOST for its slots; a client's slots are closed on
-  their workers. Majordomo workers are sent HEARTBEATs every ``heartbeat`` seconds.
+  their workers. Majordomo workers keep their own, RFC-sized clock
+  (``mdp_heartbeat × mdp_liveness``, 2.5 s × 3): they are sent HEARTBEATs every
+  ``mdp_heartbeat`` seconds, and one serving a request may stay silent for up to
+  ``mdp_request_timeout`` (see :meth:`BrokerCore._mdp_expired`).
 * *Bounded state.* Every table entry belongs to a live peer or an open request with
   a deadline; bad input never creates entries. Queued MDP requests are capped and
   expire.
@@ -89,6 +92,21 @@ class BrokerConfig:
     max_queued_bytes: int = 256 * 1024 * 1024
     max_queued_bytes_per_client: int = 64 * 1024 * 1024
     request_ttl: float = 30.0
+    # Majordomo workers' own liveness. RFC 7/18 ask broker and worker to heartbeat "at regular
+    # and agreed-upon intervals" and list mismatched rates as a known weakness ("false
+    # disconnections will occur"); zguide's mdwrkapi and majortomo's Worker heartbeat every
+    # 2.5 s and give the broker 3 (zguide) or 4 (majortomo) intervals, so remoterl's 1 s × 3
+    # would purge healthy idle ones. The broker heartbeats them every mdp_heartbeat seconds.
+    mdp_heartbeat: float = 2.5
+    mdp_liveness: int = 3
+    # How long an MDP worker serving a request may stay silent. A single-threaded worker
+    # (zguide's mdwrkapi, majortomo's Worker) sends nothing while it works, and zguide's
+    # broker never expires a busy worker; majortomo's waits 900 s. A worker whose process
+    # dies is noticed sooner anyway: its connection closes and the next HEARTBEAT to it is
+    # undeliverable (ROUTER_MANDATORY). So this bounds only a worker that hangs with its
+    # connection open: 5 minutes lets long single-threaded jobs finish, and is 10 times
+    # request_ttl, far past any client's wait for the answer.
+    mdp_request_timeout: float = 300.0
     # API keys: key -> tenant. None: open mode (no keys; one tenant, "").
     api_keys: dict[str, str] | None = None
     max_slots_per_tenant: int | None = None
@@ -96,8 +114,13 @@ class BrokerConfig:
 
     @property
     def expiry(self) -> float:
-        """Seconds of silence after which a peer is declared dead."""
+        """Seconds of silence after which a remoterl peer is declared dead."""
         return self.heartbeat * self.liveness
+
+    @property
+    def mdp_expiry(self) -> float:
+        """Seconds of silence after which an idle Majordomo worker is declared dead."""
+        return self.mdp_heartbeat * self.mdp_liveness
 
 
 @dataclass(eq=False)
@@ -180,6 +203,7 @@ class MdpWorker:
     empty_prefix: bool
     last_seen: float
     current: MdpRequest | None = None  # the request it is serving
+    busy_since: float = 0.0  # when it was handed ``current``
     calls: int = 0
 
 
@@ -229,7 +253,8 @@ class BrokerCore:
         self._next_slot = 1
         self._next_open = 1
         self._next_sweep = now + self._sweep_interval
-        self._next_mdp_heartbeat = now + self.config.heartbeat
+        self._next_mdp_heartbeat = now + self.config.mdp_heartbeat
+        self._mdp_now = now  # the latest time the core was given (undeliverable() gets none)
         self._warned_at = 0.0
         self._warned = 0
         self._suppressed = 0
@@ -254,8 +279,9 @@ class BrokerCore:
 
     @property
     def _sweep_interval(self) -> float:
-        # Four sweeps per heartbeat: a dead peer is noticed within expiry + heartbeat/4.
-        return self.config.heartbeat / 4
+        # Four sweeps per heartbeat: a dead peer is noticed within expiry + heartbeat/4
+        # (the shorter of the two heartbeats: MDP's may be configured below remoterl's).
+        return min(self.config.heartbeat, self.config.mdp_heartbeat) / 4
 
     def receive(self, sender: bytes, frames: list, now: float) -> None:
         """Handle one message. Never raises on what the peer sent.
@@ -321,8 +347,13 @@ class BrokerCore:
 
     def tick(self, now: float) -> None:
         """Run timers: purge silent peers, heartbeat MDP workers, expire requests."""
+        self._mdp_now = now
         if now >= self._next_mdp_heartbeat:
-            self._next_mdp_heartbeat = now + self.config.heartbeat
+            # Every MDP worker, busy ones too (RFC 7/18: "Both broker and worker MUST send
+            # heartbeats"): a busy worker that reads none meanwhile finds them queued when it
+            # is done, and a HEARTBEAT that cannot be delivered tells the broker (through
+            # undeliverable()) that a busy worker's connection is gone.
+            self._next_mdp_heartbeat = now + self.config.mdp_heartbeat
             for worker in self.mdp_workers.values():
                 self._out.append([worker.id, *p.mdp_worker_heartbeat(worker.version, empty_prefix=worker.empty_prefix)])
         if now < self._next_sweep:
@@ -339,9 +370,16 @@ class BrokerCore:
                 log.info("client %s went silent; closing its %d slots", _name(client.id, client.info), len(client.slots))
             self._count("clients_expired", client.tenant)
             self._drop_client(client)
-        for worker in [w for w in self.mdp_workers.values() if w.last_seen < limit]:
-            log.warning("MDP worker %s missed its heartbeats; purging it", worker.id.hex())
-            self._drop_mdp_worker(worker)
+        for worker in [w for w in self.mdp_workers.values() if self._mdp_expired(w, now)]:
+            if worker.current is None:
+                log.warning("MDP worker %s missed its heartbeats; purging it", worker.id.hex())
+            else:
+                log.warning("MDP worker %s said nothing for %g s while serving a request "
+                            "(mdp_request_timeout); purging it and dropping the request",
+                            worker.id.hex(), now - max(worker.last_seen, worker.busy_since))
+            self.counters["mdp_workers_expired"] += 1
+            # A silent busy worker may be hung rather than dead: its request is not run again.
+            self._drop_mdp_worker(worker, now, requeue=False)
         for r, pending in list(self.pending_opens.items()):
             if now >= pending.deadline:
                 pending.error = pending.error or {"code": "timeout", "msg": (
@@ -361,8 +399,10 @@ class BrokerCore:
         Nothing the broker sends is lost without a word: a CALL a worker cannot take gets
         its client an ERROR (``limit`` when the worker's queue is full, ``worker_lost`` when
         the worker's connection is gone, which also purges it); a Majordomo REQUEST goes
-        back to the head of its queue for another worker. A message for a client that is
-        gone or does not read is counted (``undeliverable``); it has nobody to tell.
+        back to the head of its queue for another worker. A HEARTBEAT to a Majordomo worker
+        whose connection is gone removes it (a request it held: ``_mdp_orphan``); one that
+        does not fit its full queue is dropped, the worker kept. A message for a client that
+        is gone or does not read is counted (``undeliverable``); it has nobody to tell.
 
         Args:
             msg: ``[routing_id, frame, ...]`` as returned by :meth:`messages_to_send`.
@@ -390,14 +430,26 @@ class BrokerCore:
             self._call_error(client_id, msg[3], "worker_lost", f"worker {_name(peer, worker.info)} is not connected")
         mdp = self.mdp_workers.get(peer)
         if mdp is not None:
-            request, mdp.current = mdp.current, None
+            now = self._mdp_now
+            request = mdp.current
+            is_request = request is not None and _is_mdp_request_for(msg, request)
+            if full and not is_request:
+                # A HEARTBEAT that does not fit: the worker is not reading (busy with a long
+                # request, or stuck), not gone. Its queue holds heartbeats enough; silence
+                # decides its fate (_mdp_expired), so a request it is running is not run twice.
+                return
             log.info("MDP worker %s cannot be reached (%s); dropping it", peer.hex(), "full" if full else "gone")
-            self._drop_mdp_worker(mdp, notify=False)
-            if request is not None and request.body is not None:
+            if is_request:
+                # This message is the REQUEST itself: the worker never saw it, so the next
+                # worker runs it once, and it keeps its one re-run (_mdp_orphan).
+                mdp.current = None
+                self._drop_mdp_worker(mdp, now, notify=False)
                 self.mdp_queue.push(request, front=True)
                 svc = self.mdp_services.get(request.service)
                 if svc is not None:
-                    self._mdp_dispatch(svc)
+                    self._mdp_dispatch(svc, now)
+            else:  # a HEARTBEAT to it failed: a request it held was delivered
+                self._drop_mdp_worker(mdp, now, notify=False)
             return
         if worker is not None and not full:
             log.warning("worker %s cannot be reached; purging it", _name(peer, worker.info))
@@ -424,6 +476,7 @@ class BrokerCore:
                         {"broker": self.instance, "known": True, "id": peer.id})])
         for mdp in self.mdp_workers.values():  # tick() heartbeats them as usual
             mdp.last_seen += seconds
+            mdp.busy_since += seconds  # a busy worker's silence is counted from the later of the two
 
     def next_deadline(self) -> float:
         """The monotonic time at which :meth:`tick` has work to do."""
@@ -931,6 +984,7 @@ class BrokerCore:
     # --- Majordomo ----------------------------------------------------------------------------
 
     def _on_mdp_client(self, sender: bytes, frames: list, now: float) -> None:
+        self._mdp_now = now
         request = p.parse_mdp_client(frames)
         service = request.service
         if not self.open_mode and service != b"remoterl.status":
@@ -941,12 +995,12 @@ class BrokerCore:
 
             body = answer(self, service, request.body)
             self._out.append([sender, *p.mdp_client_reply(
-                request.version, service, body, empty_prefix=request.empty_prefix)])
+                request.version, service, body, empty_prefix=request.empty_prefix, majortomo=request.majortomo)])
             return
         if len(service) > p.MAX_NAME:
             raise ProtocolError(f"MDP service names are at most {p.MAX_NAME} bytes")
         queued = MdpRequest(sender, service, request.version, request.empty_prefix, request.body, now,
-                            sum(map(len, request.body)))
+                            sum(map(len, request.body)), majortomo=request.majortomo)
         why = self.mdp_queue.push(queued)
         if why is not None:
             # Majordomo has no error reply: the client's own timeout tells it; the count shows here.
@@ -955,9 +1009,10 @@ class BrokerCore:
             return
         svc = self.mdp_services.get(service)
         if svc is not None:
-            self._mdp_dispatch(svc)
+            self._mdp_dispatch(svc, now)
 
     def _on_mdp_worker(self, sender: bytes, frames: list, now: float) -> None:
+        self._mdp_now = now
         msg = p.parse_mdp_worker(frames)
         worker = self.mdp_workers.get(sender)
         if msg.command == "READY" and not self.open_mode:
@@ -967,8 +1022,11 @@ class BrokerCore:
             if len(msg.service) > p.MAX_NAME:
                 raise ProtocolError(f"MDP service names are at most {p.MAX_NAME} bytes")
             if worker is not None or sender in self.workers or sender in self.clients:
-                if worker is not None:  # a second READY re-registers the worker, as for remoterl workers
-                    self._drop_mdp_worker(worker, notify=False)
+                if worker is not None:
+                    # RFC 7/18: "The worker MUST NOT send a further READY". One that does has
+                    # restarted and forgotten what it held: it is registered afresh, as remoterl
+                    # workers are, and a request it held is treated as if it had left (_mdp_orphan).
+                    self._drop_mdp_worker(worker, now, notify=False)
                 else:
                     raise ProtocolError("this peer is already registered in another role")
             worker = self.mdp_workers[sender] = MdpWorker(sender, msg.service, msg.version, msg.empty_prefix, now)
@@ -977,13 +1035,13 @@ class BrokerCore:
                 svc = self.mdp_services[msg.service] = MdpService(msg.service)
             svc.workers += 1
             svc.waiting.append(sender)
-            self._mdp_dispatch(svc)
+            self._mdp_dispatch(svc, now)
             return
         if worker is None:
             if msg.command != "DISCONNECT":
                 self._out.append([sender, *p.mdp_worker_disconnect(msg.version, empty_prefix=msg.empty_prefix)])
             return
-        worker.last_seen = now
+        worker.last_seen = now  # RFC 7/18: "Any received command except DISCONNECT acts as a heartbeat"
         if msg.command in ("PARTIAL", "FINAL"):
             current = worker.current
             if current is None or current.client != msg.client:
@@ -991,16 +1049,19 @@ class BrokerCore:
             final = msg.command == "FINAL"
             if final or current.version is p.MdpVersion.V02:  # MDP/0.1 has no PARTIAL
                 self._out.append([current.client, *p.mdp_client_reply(
-                    current.version, current.service, msg.body, final=final, empty_prefix=current.empty_prefix)])
+                    current.version, current.service, msg.body, final=final, empty_prefix=current.empty_prefix,
+                    majortomo=current.majortomo)])
             if final:
                 worker.current = None
                 svc = self.mdp_services[worker.service]
                 svc.waiting.append(sender)
-                self._mdp_dispatch(svc)
+                self._mdp_dispatch(svc, now)
         elif msg.command == "DISCONNECT":
-            self._drop_mdp_worker(worker, notify=False)
+            # RFC 7/18: "When the broker receives DISCONNECT from a worker it MUST send no
+            # further commands to that worker": no DISCONNECT back.
+            self._drop_mdp_worker(worker, now, notify=False)
 
-    def _mdp_dispatch(self, svc: MdpService) -> None:
+    def _mdp_dispatch(self, svc: MdpService, now: float) -> None:
         queue = self.mdp_queue
         while svc.waiting:
             request = queue.pop(svc.name)
@@ -1008,11 +1069,31 @@ class BrokerCore:
                 return
             worker = self.mdp_workers[svc.waiting.popleft()]
             worker.current = request
+            worker.busy_since = now
             worker.calls += 1
             self._out.append([worker.id, *p.mdp_worker_request(
                 worker.version, request.client, request.body, empty_prefix=worker.empty_prefix)])
 
-    def _drop_mdp_worker(self, worker: MdpWorker, notify: bool = True) -> None:
+    def _mdp_expired(self, worker: MdpWorker, now: float) -> bool:
+        """Whether ``worker`` has been silent too long.
+
+        Idle: ``mdp_heartbeat × mdp_liveness`` seconds (RFC 7/18: "A peer MUST consider the
+        other peer 'disconnected' if no heartbeat arrives within some multiple of that
+        interval"). Busy (holding a request): ``mdp_request_timeout`` seconds since its last
+        message or since it was handed the request, whichever is later (never less than the
+        idle bound). Single-threaded workers (zguide's mdwrkapi, majortomo's Worker) send
+        nothing while they work, and zguide's broker, the RFCs' reference, expires waiting
+        workers only; the bound keeps a hung worker from holding a request for ever.
+        """
+        cfg = self.config
+        if worker.current is None:
+            return now - worker.last_seen > cfg.mdp_expiry
+        return now - max(worker.last_seen, worker.busy_since) > max(cfg.mdp_request_timeout, cfg.mdp_expiry)
+
+    def _drop_mdp_worker(self, worker: MdpWorker, now: float, notify: bool = True, requeue: bool = True) -> None:
+        """Forget ``worker`` (telling it DISCONNECT with ``notify``). A request it held goes
+        to :meth:`_mdp_orphan` (``requeue=False``: dropped)."""
+        request, worker.current = worker.current, None
         del self.mdp_workers[worker.id]
         svc = self.mdp_services.get(worker.service)
         if svc is not None:
@@ -1023,6 +1104,51 @@ class BrokerCore:
                 del self.mdp_services[svc.name]
         if notify:
             self._out.append([worker.id, *p.mdp_worker_disconnect(worker.version, empty_prefix=worker.empty_prefix)])
+        if request is not None:
+            self._mdp_orphan(request, worker, now, requeue)
+
+    def _mdp_orphan(self, request: MdpRequest, worker: MdpWorker, now: float, requeue: bool) -> None:
+        """A request was handed to ``worker``, which left before its FINAL: run it once more,
+        at the head of its client's queue, or drop it.
+
+        RFC 7/18 leave this open; zguide's broker drops it. Either choice costs something:
+        the worker may have done some or all of the work before it went, so running the
+        request again may run it twice; dropping it leaves the client waiting for a reply
+        that will never come (Majordomo has no error reply). The broker runs it again only
+        when all of these hold:
+
+        * ``requeue``: the worker is certainly gone and cannot answer any more (it sent
+          DISCONNECT or a second READY, or its connection closed). Not when it was purged
+          for silence past ``mdp_request_timeout``: a hung worker may still be running the
+          request, and a second run would overlap the first.
+        * The request was not run again before: a request that kills every worker that
+          takes it is tried on two workers, not on all of them in turn.
+        * Its client asked less than ``request_ttl`` ago: the broker starts no request later
+          than that after it was asked (a queued one expires then), so a client that gave
+          up long ago does not have its request run again.
+
+        Otherwise it is dropped, logged and counted (``mdp_requests_lost``). A client that
+        follows RFC 7/18's recommended recovery resends a request that got no reply within
+        its timeout, so a Majordomo request may run more than once already; the re-run only
+        spares such a client its timeout. A request that reached the worker may have run
+        (in part) whether or not it runs again: Majordomo promises no exactly-once.
+        """
+        if requeue and not request.requeued and now - request.queued < self.config.request_ttl:
+            request.requeued = True
+            self.counters["mdp_requests_requeued"] += 1
+            log.info("MDP worker %s left while serving a request from %s; running it again",
+                     worker.id.hex(), request.client.hex())
+            self.mdp_queue.push(request, front=True)
+            svc = self.mdp_services.get(request.service)
+            if svc is not None:
+                self._mdp_dispatch(svc, now)
+            return
+        self.counters["mdp_requests_lost"] += 1
+        why = ("it went silent past mdp_request_timeout" if not requeue
+               else "the request was run again once already" if request.requeued
+               else f"the request is older than request_ttl ({self.config.request_ttl:g} s)")
+        self._warn("MDP worker %s left without answering a request for %r from %s; dropping it: %s",
+                   worker.id.hex(), request.service[:64], request.client.hex(), why)
 
     # --- bad input -----------------------------------------------------------------------------
 
@@ -1090,6 +1216,7 @@ class _Reply(ProtocolError):
 
 _C_CALL = p.client_frame(C.CALL)
 _W_REPLY = p.worker_frame(W.REPLY)
+_MDP_WORKER_SIGNATURES = frozenset(p.MDP_WORKER)
 _C_HEARTBEAT = p.client_frame(C.HEARTBEAT)
 _W_HEARTBEAT = p.worker_frame(W.HEARTBEAT)
 # Registrations are kept for workers that join later; this bounds what clients can store.
@@ -1147,6 +1274,16 @@ def _try_header(frame: Any) -> dict | None:
         return p.decode_header(frame)
     except ProtocolError:
         return None
+
+
+def _is_mdp_request_for(msg: list, request: MdpRequest) -> bool:
+    """Whether ``msg`` (``[worker id, frames...]``, as the core queued it) is the MDP
+    REQUEST that hands ``request`` to its worker."""
+    frames = msg[1:]
+    if frames and not len(frames[0]):
+        frames = frames[1:]
+    return (len(frames) > 2 and p.as_bytes(frames[0]) in _MDP_WORKER_SIGNATURES
+            and p.as_bytes(frames[1]) == p.MDPW_REQUEST and p.as_bytes(frames[2]) == request.client)
 
 
 def _decrement(counter: collections.Counter, key: Any) -> None:

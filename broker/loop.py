@@ -33,6 +33,41 @@ link's queue until the fd is writable, so a busy worker never blocks the loop. A
 closed link purges its worker at once.
 
 ``bench/timeline.py`` shows where a step's time goes on this path.
+
+Keys at the handshake (key mode)
+--------------------------------
+With API keys and no CURVE, the socket is a PLAIN server (ZeroMQ RFC 24, ZAP domain
+``remoterl``) and this loop is its ZAP handler (RFC 27): a REP socket at
+``inproc://zeromq.zap.01`` of the broker's context, in the same poll as everything else
+(:meth:`_zap_reply`). libzmq asks it once per tcp/ipc connection, before the connection
+may deliver anything; it accepts username ``remoterl`` with a valid API key as password
+(checked like HELLO's key: hashed, constant time, against the keys of the moment, so a
+SIGHUP reload applies to the next connection) and answers 400 otherwise; counted as
+``handshakes_accepted`` / ``handshakes_refused``. A peer without credentials never gets
+that far: libzmq refuses the mechanism mismatch in its I/O thread. Either way a peer
+without a valid key cannot put one message in front of this loop. That matters
+because libzmq's MAXMSGSIZE bounds a frame, not the number of frames, and hands over a
+multipart message whole: before, one message of 3,000,000 empty frames (6 MB on the
+wire) from a keyless peer kept this loop reading (and :meth:`_drain` discarding) for
+7.8 s on the test machine: a trainer's step took 7.8 s, and in one run of two the
+trainer lost its session (its heartbeats went unanswered for longer than liveness). With the handshake check the same message
+is never delivered: no ``too_many_frames``, and the trainer's steps stay at p50 0.65 ms,
+max 18 ms, during the attack (CLI broker and worker, a RemoteEnvVec of 8 CartPole envs,
+all on 127.0.0.1; a wrong key instead: one ``handshakes_refused``, max step 14 ms). A ZAP
+answer costs this loop about 7 µs (100 keys); a client learns of a refused key within a
+millisecond, of a missing key within 0.1-0.2 s (``remoterl.security.connect_dealer``).
+HELLO/READY still carry the key too, and the core still checks it: in-process peers,
+local links and the WebSocket bridge (all inproc, where ZeroMQ has no handshake) are
+checked there, as is every peer in CURVE mode.
+
+With ``curve_secret`` the socket is a CURVE server instead, and a socket has one
+mechanism: no PLAIN and no ZAP there. CURVE refuses peers that lack the broker's public
+key, but that key is handed to every trainer and worker: a peer that has it and no API
+key still gets its messages to this loop, where the key is checked in HELLO/READY and
+the frame limit and :meth:`_drain` bound an oversized message (the stall measured above).
+
+A ZAP handler belongs to a zmq context: two key-mode brokers of one process need two
+contexts (``Broker(..., context=zmq.Context())``); binding the second raises.
 """
 
 from __future__ import annotations
@@ -53,6 +88,7 @@ from remoterl._zmqio import send_frames
 from remoterl.broker.core import BrokerConfig, BrokerCore
 from remoterl.errors import BrokerUnavailableError, ProtocolError
 from remoterl.protocol import WorkerCommand as W
+from remoterl.security import PLAIN_USERNAME, ZAP_DOMAIN
 
 __all__ = ["Broker", "LINGER", "in_process"]
 
@@ -87,6 +123,10 @@ class Broker:
         also: more endpoints on the same socket; an ``inproc://`` one also makes the broker
             reachable by in-process peers (:func:`in_process`).
         curve_secret: CURVE for tcp peers (inproc ones are exempt).
+
+    With ``config.api_keys`` and no ``curve_secret``, tcp/ipc peers must present a valid
+    API key at the ZeroMQ handshake (PLAIN, answered by this loop as the context's ZAP
+    handler: module docstring); the context must have no other ZAP handler.
     """
 
     def __init__(self, url: str = "tcp://127.0.0.1:5555", config: BrokerConfig | None = None,
@@ -99,6 +139,7 @@ class Broker:
         self.core = BrokerCore(self.config, time.monotonic())
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._zap: zmq.Socket | None = None  # the ZAP handler in key mode (bind)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -122,7 +163,17 @@ class Broker:
         self._link_ids: dict[int, bytes] = {}
 
     def bind(self) -> str:
-        """Create and bind the ROUTER socket; return the bound URL (with the real port)."""
+        """Create and bind the ROUTER socket; return the bound URL (with the real port).
+
+        Raises:
+            RuntimeError: key mode, and this context already has a ZAP handler (another
+                key-mode broker of this process): give this one its own context.
+            zmq.ZMQError: the endpoint cannot be bound.
+        """
+        zap = None
+        if self.config.api_keys is not None and not self.curve_secret:
+            # Key mode: tcp/ipc peers must show a valid key at the handshake (module docstring).
+            zap = self._bind_zap()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # libzmq drops a peer that sends a frame over this size; the core checks whole messages.
@@ -132,18 +183,30 @@ class Broker:
         # A message for a peer that is gone or whose queue is full raises instead of vanishing,
         # so the core can answer for it (BrokerCore.undeliverable): nothing is dropped unsaid.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self.curve_secret:
-            from remoterl.security import apply_curve_server
+        try:
+            if self.curve_secret:
+                from remoterl.security import apply_curve_server
 
-            apply_curve_server(sock, self.curve_secret)
-        sock.bind(self.requested_url)
-        self.url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        for endpoint in self.also:
-            sock.bind(endpoint)
+                apply_curve_server(sock, self.curve_secret)
+            elif zap is not None:
+                sock.plain_server = True
+                sock.zap_domain = ZAP_DOMAIN
+            sock.bind(self.requested_url)
+            self.url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            for endpoint in self.also:
+                sock.bind(endpoint)
+        except BaseException:
+            sock.close(0)
+            if zap is not None:
+                zap.close(0)
+            raise
         self._sock = sock
+        self._zap = zap
         self._poll = zmq.Poller()
         self._poll.register(sock, zmq.POLLIN)
         self._poll.register(self._wake, zmq.POLLIN)
+        if zap is not None:
+            self._poll.register(zap, zmq.POLLIN)
         self._poll_poll = self._poll.poll
         self._hot = (sock, sock.recv, sock.getsockopt, self.core.receive)
         for endpoint in self.also:
@@ -214,6 +277,8 @@ class Broker:
                     frames.append(recv(copy=len(frames) < 3))
                 else:
                     receive(sender, frames, time.monotonic())
+            elif target is self._zap:  # a tcp/ipc peer's handshake, in key mode
+                self._on_zap()
             elif target == self._wake:  # an in-process peer wants the loop: just leave poll
                 _drain(self._wake)
             else:
@@ -245,6 +310,60 @@ class Broker:
         now = monotonic()
         core.excuse(now - mark)
         core.refuse_frames(sender, head[:3], count, now - started)
+
+    # --- authentication at the handshake (ZAP, key mode) ----------------------------------------------
+
+    def _bind_zap(self) -> zmq.Socket:
+        """This context's ZAP handler socket (RFC 27): a REP at ``inproc://zeromq.zap.01``."""
+        zap = self._ctx.socket(zmq.REP)
+        zap.setsockopt(zmq.LINGER, 0)
+        try:
+            zap.bind(_ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            zap.close(0)
+            if exc.errno != zmq.EADDRINUSE:
+                raise
+            raise RuntimeError(
+                f"another ZAP handler is bound at {_ZAP_ENDPOINT} in this zmq context (a second broker with "
+                f"API keys in this process?): give each such broker its own context, "
+                f"Broker(..., context=zmq.Context())") from exc
+        return zap
+
+    def _on_zap(self) -> None:
+        """Answer one ZAP request: PLAIN, username ``remoterl``, a valid API key as password."""
+        zap = self._zap
+        try:
+            request = zap.recv_multipart(_NOBLOCK)  # type: ignore[union-attr]
+        except zmq.Again:
+            return
+        zap.send_multipart(self._zap_reply(request))  # type: ignore[union-attr]
+
+    def _zap_reply(self, request: list[bytes]) -> list[bytes]:
+        """The reply frames for one ZAP request (never naming the key)."""
+        core = self.core
+        if len(request) < 6 or request[0] != b"1.0":
+            core.counters["handshakes_refused"] += 1
+            request_id = request[1] if len(request) >= 2 else b""
+            return [b"1.0", request_id, b"500", b"malformed ZAP request", b"", b""]
+        _version, request_id, domain, address, _identity, mechanism, *credentials = request
+        tenant = None
+        if domain != ZAP_DOMAIN:
+            reason = "unknown ZAP domain"
+        elif mechanism != b"PLAIN" or len(credentials) != 2 or credentials[0] != PLAIN_USERNAME:
+            reason = "remoterl peers authenticate with PLAIN, username remoterl"
+        else:
+            try:
+                tenant = core._tenant_of(credentials[1].decode())  # hashed, constant time; current keys
+            except UnicodeDecodeError:
+                tenant = None
+            reason = "wrong API key"
+        if tenant is None:
+            core.counters["handshakes_refused"] += 1
+            core._warn("refused a connection from %s at the handshake: %s",
+                       address.decode("utf-8", "replace"), reason)
+            return [b"1.0", request_id, b"400", reason.encode(), b"", b""]
+        core._count("handshakes_accepted", tenant)
+        return [b"1.0", request_id, b"200", b"OK", tenant.encode(), b""]
 
     def _flush(self) -> None:
         # copy=True sends bytes by copying (fast for small frames) and zmq.Frame objects
@@ -391,6 +510,10 @@ class Broker:
             self._sock.setsockopt(zmq.LINGER, 200)
             self._sock.close()
             self._sock = None
+        if self._zap is not None:  # after the socket it answers for
+            self._poll.unregister(self._zap)
+            self._zap.close(0)
+            self._zap = None
         log.info("broker %s stopped", self.core.instance)
 
 
@@ -448,4 +571,5 @@ class _Driving:
 _RCVMORE = int(zmq.RCVMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _MAX_FRAMES = p.MAX_FRAMES
+_ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks a context's ZAP handler (RFC 27)
 _POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)

@@ -35,8 +35,9 @@ __all__ = ["MdpQueue", "MdpRequest"]
 
 @dataclass(eq=False, slots=True)
 class MdpRequest:
-    """One queued request. ``body`` is released once the request is handed to a worker
-    and its reply is in (the broker keeps it while a worker holds it, to re-queue it)."""
+    """One queued request. The broker keeps it (body included) while a worker holds it,
+    so that it can be given back to the queue if that worker goes (see
+    ``BrokerCore._mdp_orphan``); it is released with the reply."""
 
     client: bytes
     service: bytes
@@ -46,6 +47,8 @@ class MdpRequest:
     queued: float         # monotonic time it arrived
     size: int             # bytes of its body
     waiting: bool = True  # in a queue now (False once popped or expired)
+    majortomo: bool = False  # the client speaks majortomo's dialect (remoterl.protocol)
+    requeued: bool = False   # already given back once after a worker holding it left
 
 
 @dataclass(eq=False)
@@ -102,7 +105,9 @@ class MdpQueue:
 
     def push(self, request: MdpRequest, front: bool = False) -> str | None:
         """Queue ``request`` (at the head of its client's FIFO with ``front``: a request a
-        worker could not take). Returns None, or why it was refused (nothing kept then)."""
+        worker could not take, or one given back after its worker left; it keeps its arrival
+        time, so its TTL still counts from then). Returns None, or why it was refused
+        (nothing kept then)."""
         why = self.refusal(request.client, request.size)
         if why is not None and not front:  # a request given back was admitted once already
             return why

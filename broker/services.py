@@ -13,16 +13,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from remoterl.broker.core import BrokerCore
 
-__all__ = ["answer", "status"]
+__all__ = ["answer", "served", "status"]
 
 
 def answer(core: BrokerCore, service: bytes, body: list) -> list[bytes]:
     """The reply body for an internal service request.
 
     ``mmi.service`` (RFC 8): ``200`` if the service named in the first body frame has
-    workers (a Majordomo service, or an env id served by remoterl workers), ``404`` if
-    not. ``remoterl.status``: one JSON frame, see :func:`status`. Any other ``mmi.``
-    name: ``501``.
+    workers, ``404`` if not; see :func:`served`. ``remoterl.status``: one JSON frame, see
+    :func:`status`. Any other ``mmi.`` name: ``501``.
     """
     if service == b"remoterl.status":
         # In key mode the API key is the first body frame, and the answer covers its tenant only.
@@ -32,12 +31,33 @@ def answer(core: BrokerCore, service: bytes, body: list) -> list[bytes]:
                                                         "(the first body frame)"}).encode()]
         return [json.dumps(status(core, tenant)).encode()]
     if service == b"mmi.service":
+        # Majordomo clients are served in open mode only (BrokerCore._on_mdp_client refuses
+        # mmi.* in key mode), where every peer is in tenant "".
         name = bytes(body[0]) if body else b""
-        svc = core.mdp_services.get(name)
-        env_id = name.decode("utf-8", "replace")
-        known = (svc is not None and svc.workers > 0) or env_id in core.env_index or "*" in core.env_index
-        return [b"200" if known else b"404"]
+        return [b"200" if served(core, name, "") else b"404"]
     return [b"501"]
+
+
+def served(core: BrokerCore, name: bytes, tenant: str) -> bool:
+    """Whether ``name`` has a worker now, as ``mmi.service`` answers it (RFC 8: "200" when
+    the service is available, "404" when not).
+
+    True for a Majordomo service with at least one worker, or an env id that a connected
+    remoterl worker of ``tenant`` announced (in READY, or by accepting a REGISTER). A
+    ``"*"`` worker makes no other name available: it serves whatever gymnasium can make on
+    its host, which the broker cannot know, and an RFC 8 answer of 200 promises that a
+    request to the name can be served. (Nor is ``"*"`` itself a name anything serves.)
+    """
+    svc = core.mdp_services.get(name)
+    if svc is not None and svc.workers > 0:
+        return True
+    try:
+        env_id = name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False  # env ids are strings: no worker announced this one
+    if env_id == "*":
+        return False
+    return any(core.workers[w].tenant == tenant for w in core.env_index.get(env_id, ()))
 
 
 def status(core: BrokerCore, tenant: str | None = None) -> dict:

@@ -20,26 +20,25 @@ def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
 
     Raises:
         BrokerUnavailableError: no answer within ``timeout``.
-        AuthenticationError: the broker wants a (different) key.
+        AuthenticationError: the broker wants a (different) key (refused at the connection
+            handshake by a key-mode broker over tcp/ipc, or in the status reply).
     """
     import zmq
 
     from remoterl.errors import AuthenticationError, BrokerUnavailableError
-    from remoterl.security import apply_curve_client, curve_serverkey_from_env
+    from remoterl.security import connect_dealer, curve_serverkey_from_env
+    from remoterl.wsgateway import resolve_endpoint
 
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    apply_curve_client(sock, curve_serverkey or curve_serverkey_from_env())
+    request = [b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])]
+    # Watches the tcp handshake too: a key-mode broker refuses a wrong or missing key there.
+    connected = connect_dealer(zmq.Context.instance(), url, resolve_endpoint(url), request, timeout,
+                               api_key=api_key, serverkey=curve_serverkey or curve_serverkey_from_env())
+    if connected is None:
+        raise BrokerUnavailableError(
+            f"no remoterl broker answered at {url} within {timeout:g} s. "
+            f"Start one with: remoterl-broker --bind {url}")
+    sock = connected[0]
     try:
-        from remoterl.wsgateway import resolve_endpoint
-
-        sock.connect(resolve_endpoint(url))
-        sock.send_multipart([b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])])
-        if not sock.poll(timeout * 1000):
-            raise BrokerUnavailableError(
-                f"no remoterl broker answered at {url} within {timeout:g} s. "
-                f"Start one with: remoterl-broker --bind {url}")
         frames = sock.recv_multipart()
     finally:
         sock.close()

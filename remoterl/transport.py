@@ -34,6 +34,7 @@ from remoterl import protocol as p
 from remoterl._process import keep_signals_for_main_thread
 from remoterl.client import ClientCore, Pending
 from remoterl.errors import (
+    AuthenticationError,
     BrokerUnavailableError,
     error_from_wire,
     MessageTooLargeError,
@@ -42,7 +43,7 @@ from remoterl.errors import (
     WorkerLostError,
 )
 from remoterl.protocol import ClientCommand as C
-from remoterl.security import apply_curve_client, curve_serverkey_from_env
+from remoterl.security import apply_client_security, connect_dealer, curve_serverkey_from_env
 from remoterl.wsgateway import resolve_endpoint
 
 __all__ = ["Client", "LocalClient", "Opened", "connect_client"]
@@ -102,6 +103,7 @@ class Client:
         self._hb_thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._endpoint = url
+        self._plain = False  # PLAIN credentials got the main socket through the handshake
 
     # --- session --------------------------------------------------------------------------------
 
@@ -111,32 +113,35 @@ class Client:
         Raises:
             BrokerUnavailableError: no answer within ``connect_timeout`` (says the URL and
                 how to start a broker).
+            AuthenticationError: the broker refused the API key, at the connection handshake
+                (``remoterl.security.connect_dealer``) or in answer to HELLO.
         """
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.setsockopt(zmq.RCVHWM, 10_000)
-        apply_curve_client(sock, self._curve)
         try:
             # ws:// and wss:// go through this process's WebSocket gateway (an inproc endpoint).
             self._endpoint = resolve_endpoint(self.url, context=self._ctx)
-            sock.connect(self._endpoint)
+            # Sends HELLO and waits for the answer, watching the tcp handshake (a key-mode
+            # broker checks the key there): AuthenticationError at once on a refused key.
+            connected = connect_dealer(
+                self._ctx, self.url, self._endpoint, self._hello(), self.connect_timeout,
+                api_key=self._api_key, serverkey=self._curve,
+                options=((zmq.ROUTING_ID, self.identity), (zmq.SNDHWM, 10_000), (zmq.RCVHWM, 10_000)))
         except (zmq.ZMQError, ValueError) as exc:
-            sock.close()
             raise BrokerUnavailableError(f"invalid broker URL {self.url!r}: {exc}") from exc
-        self._sock = sock
-        self._connected = True
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        self._poll = poller.poll  # reused: half the cost of Socket.poll per call
-        sock.send_multipart(self._hello())
-        if not sock.poll(self.connect_timeout * 1000):
+        except AuthenticationError:
+            self.close()
+            raise
+        if connected is None:
             self.close()
             raise BrokerUnavailableError(
                 f"no remoterl broker answered at {self.url} within {self.connect_timeout:g} s. "
                 f"Start one with: remoterl-broker --bind {self.url}  (or call remoterl.init() "
                 f"without a broker URL to use an embedded one)")
+        sock, self._plain = connected
+        self._sock = sock
+        self._connected = True
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        self._poll = poller.poll  # reused: half the cost of Socket.poll per call
         self._welcomed(sock.recv_multipart())
         return self
 
@@ -363,7 +368,8 @@ class Client:
         keep_signals_for_main_thread()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        apply_curve_client(sock, self._curve)
+        # The credentials that got the main socket through the handshake.
+        apply_client_security(sock, self._endpoint, self._curve, self._api_key if self._plain else None)
         sock.connect(self._endpoint)
         frame = p.client_frame(C.HEARTBEAT)
         ping_header = {"id": self.identity}

@@ -25,8 +25,8 @@ from remoterl import protocol as p
 from remoterl._link import Link, LinkClosed
 from remoterl._process import keep_signals_for_main_thread
 from remoterl._zmqio import recv_frames, send_frames
-from remoterl.errors import LimitExceededError, ProtocolError, error_from_wire
-from remoterl.security import apply_curve_client, curve_serverkey_from_env
+from remoterl.errors import AuthenticationError, LimitExceededError, ProtocolError, error_from_wire
+from remoterl.security import apply_client_security, connect_dealer, curve_serverkey_from_env
 from remoterl.wsgateway import resolve_endpoint
 from remoterl.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
@@ -77,6 +77,7 @@ class WorkerLoop:
         self._hb_thread: threading.Thread | None = None
         self._api_key = api_key
         self._curve = curve_serverkey if curve_serverkey is not None else curve_serverkey_from_env()
+        self._plain = False  # PLAIN credentials got the main socket through the handshake
         self.error: BaseException | None = None  # why run() gave up (e.g. AuthenticationError)
 
     # --- control -------------------------------------------------------------------------------
@@ -99,8 +100,8 @@ class WorkerLoop:
         self._hb_thread.start()
         try:
             while not self._stopping:
-                self._connect()
-                self._serve()
+                if self._connect():
+                    self._serve()
         except _Stop:
             pass
         except LinkClosed:  # a local link's broker is gone, and with it everything we served
@@ -112,8 +113,10 @@ class WorkerLoop:
 
     # --- registration -----------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        """A fresh socket and identity (or the local link), then READY (repeated until the broker answers)."""
+    def _connect(self) -> bool:
+        """A fresh socket and identity (or the local link), then READY; True once the broker
+        answered (always, on a link). False: no answer within ``heartbeat × liveness`` (run()
+        tries again), or the broker refused us at the handshake (``self.error``; stopping)."""
         self.host.close_all()
         self._close_socket()
         self.registered.clear()
@@ -128,16 +131,31 @@ class WorkerLoop:
         ready = [p.worker_frame(W.READY), p.encode_header(ready_header)]
         if self._link is not None:  # the broker names us in WELCOME
             self._send(ready)
-        else:
-            self.identity = b"W" + os.urandom(15)
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTING_ID, self.identity)
-            apply_curve_client(sock, self._curve)
-            sock.connect(resolve_endpoint(self.url, context=self._ctx))  # ws(s):// via the gateway
-            self._sock = sock
-            sock.send_multipart(ready)
+            log.info("worker %s: READY sent to %s", self.name, self.url)
+            return True
+        self.identity = b"W" + os.urandom(15)
+        endpoint = resolve_endpoint(self.url, context=self._ctx)  # ws(s):// via the gateway
+        try:
+            self._in_poll = True  # SIGTERM leaves the wait at once (stop() raises _Stop)
+            # Sends READY and waits for the answer, watching the tcp handshake: a key-mode
+            # broker refuses a wrong key there, and we stop as for a refused READY.
+            connected = connect_dealer(self._ctx, self.url, endpoint, ready, self.heartbeat * self.liveness,
+                                       api_key=self._api_key, serverkey=self._curve,
+                                       options=((zmq.ROUTING_ID, self.identity),), stop=lambda: self._stopping)
+        except AuthenticationError as error:
+            log.error("worker %s: the broker at %s refused us: %s", self.name, self.url, error)
+            self.error = error
+            self._stopping = True
+            return False
+        finally:
+            self._in_poll = False
+        if connected is None:
+            if not self._stopping:
+                log.warning("worker %s: no answer from broker %s; sending READY again", self.name, self.url)
+            return False
+        self._sock, self._plain = connected
         log.info("worker %s: READY sent to %s", self.name, self.url)
+        return True
 
     def _send(self, frames: list, copy: bool = True) -> None:
         if self._link is not None:
@@ -260,16 +278,22 @@ class WorkerLoop:
     def _heartbeat_loop(self) -> None:
         """Ping the broker on a side socket; flag a reconnect when it is lost or forgot us."""
         keep_signals_for_main_thread()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        apply_curve_client(sock, self._curve)
-        sock.connect(resolve_endpoint(self.url, context=self._ctx))  # ws(s):// via the gateway
+        sock, plain = None, False
         frame = p.worker_frame(W.HEARTBEAT)
         self._last_pong = time.monotonic()
         try:
             while not self._stopping:
                 if not self.registered.wait(0.05):
                     continue
+                if sock is None or plain != self._plain:
+                    # Once registered: with the credentials that got the main socket through.
+                    if sock is not None:
+                        sock.close(0)
+                    sock, plain = self._ctx.socket(zmq.DEALER), self._plain
+                    sock.setsockopt(zmq.LINGER, 0)
+                    endpoint = resolve_endpoint(self.url, context=self._ctx)  # ws(s):// via the gateway
+                    apply_client_security(sock, endpoint, self._curve, self._api_key if plain else None)
+                    sock.connect(endpoint)
                 identity = self.identity
                 sent = time.monotonic()
                 ping = {"id": identity, "stats": dict(self.host.stats, slots=len(self.host.slots))}
@@ -297,7 +321,8 @@ class WorkerLoop:
         except Exception:  # the heartbeat thread must not die silently
             log.exception("worker %s: heartbeat thread failed", self.name)
         finally:
-            sock.close(0)
+            if sock is not None:
+                sock.close(0)
 
     # --- shutdown ---------------------------------------------------------------------------------------
 
