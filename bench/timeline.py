@@ -58,8 +58,10 @@ def _worker(url: str, link_fd: int, out: str, pin: int | None) -> None:
         return messages
 
     def stamped_send_all(self: Link, frames: list, timeout: Any = None) -> None:
-        send_all(self, frames, timeout)
+        # Stamped as the write starts: a worker descheduled right after its write (the trainer it
+        # woke takes the core) would otherwise stamp after the trainer has the reply.
         _stamp("reply sent")
+        send_all(self, frames, timeout)
 
     def stamped_call(self: SlotHost, *args: Any) -> Any:
         _stamp("call")

@@ -15,6 +15,7 @@ __version__ = "0.1.0.dev0"
 # Public name -> module that defines it.
 _LAZY: dict[str, str] = {
     # errors
+    "ActionNotBatchedError": "remoterl.errors",
     "AuthenticationError": "remoterl.errors",
     "BrokerUnavailableError": "remoterl.errors",
     "CapacityError": "remoterl.errors",
@@ -25,9 +26,11 @@ _LAZY: dict[str, str] = {
     "MessageTooLargeError": "remoterl.errors",
     "NoWorkerError": "remoterl.errors",
     "ProtocolError": "remoterl.errors",
+    "RemoteAttributeError": "remoterl.errors",
     "RemoteEnvError": "remoterl.errors",
     "RemoteRLError": "remoterl.errors",
     "RemoteTimeoutError": "remoterl.errors",
+    "ResetNeededError": "remoterl.errors",
     "UnsupportedSpaceError": "remoterl.errors",
     "WorkerLostError": "remoterl.errors",
     # client and proxies

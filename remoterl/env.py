@@ -4,6 +4,16 @@ The spaces, metadata, render mode and spec are fetched once, when the slot opens
 and cached. ``reset``, ``step`` and ``close`` are forwarded; each is one round trip
 through the broker. Everything else is the local ``gymnasium.Env`` machinery, so
 gymnasium's wrappers and env checker work on it unchanged.
+
+The env's other attributes live on the worker. ``env.get_wrapper_attr(name)``,
+``set_wrapper_attr`` and ``has_wrapper_attr`` reach them (one round trip each; a method
+comes back as a :class:`RemoteMethod` that runs on the worker when called), so
+gymnasium's ``SyncVectorEnv.get_attr``/``call`` and SB3's ``DummyVecEnv.get_attr``/
+``env_method`` work on wrapped ``RemoteEnv``s. Plain attribute access does not cross the
+wire: ``env.unwrapped`` is the ``RemoteEnv`` itself, and ``env.unwrapped.gravity`` raises
+an ``AttributeError`` that points at ``get_wrapper_attr`` (an attribute read that silently
+made a network round trip, or that ``hasattr`` turned into a remote call, would surprise).
+Names starting with ``_`` never travel (:func:`check_attr_name`).
 """
 
 from __future__ import annotations
@@ -14,10 +24,18 @@ import gymnasium
 from gymnasium.envs.registration import EnvSpec
 
 from remoterl.actions import check_action
-from remoterl.errors import EnvClosedError
+from remoterl.errors import EnvClosedError, ProtocolError, RemoteAttributeError
 from remoterl.spaces import space_from_wire
 
-__all__ = ["RemoteEnv", "check_action", "metadata_from_wire", "spec_from_wire"]
+__all__ = ["RemoteEnv", "RemoteMethod", "check_action", "check_attr_name", "metadata_from_wire", "spec_from_wire",
+           "values_from_wire"]
+
+# The longest attribute name that travels: a name is an identifier, never a payload.
+MAX_ATTR_NAME = 256
+
+# gymnasium's helpers that take an attribute name themselves: calling one remotely would reach
+# any name, "_private" ones included, past the check on the name of the call.
+_NAME_TAKERS = frozenset({"get_wrapper_attr", "set_wrapper_attr", "has_wrapper_attr"})
 
 
 class RemoteEnv(gymnasium.Env):
@@ -93,12 +111,158 @@ class RemoteEnv(gymnasium.Env):
         self._closed = True
         self._client.close_slots(self._slots)
 
+    # --- remote attributes -------------------------------------------------------------------
+
+    def get_wrapper_attr(self, name: str) -> Any:
+        """The attribute ``name``: this object's own if it has one (spaces, metadata, spec,
+        ``reset``...), else the remote env's, as ``gymnasium.Env.get_wrapper_attr`` on the
+        worker finds it (one round trip). A remote method comes back as a :class:`RemoteMethod`.
+
+        Raises:
+            RemoteAttributeError: the remote env has no such attribute, or ``name`` may not
+                travel (:func:`check_attr_name`); an ``AttributeError`` either way.
+            CodecError: the value cannot travel (the message names the attribute).
+            EnvClosedError: the env was closed.
+        """
+        if _has_local(self, name):
+            return getattr(self, name)
+        check_attr_name(name)
+        reply = self._attr_call({"op": "get_attr", "name": name})
+        if reply.get("callable"):
+            return RemoteMethod(self, name)
+        return values_from_wire(reply, 1)[0]
+
+    def set_wrapper_attr(self, name: str, value: Any, *, force: bool = True) -> bool:
+        """Set ``name`` here if this object has it, else on the remote env with
+        ``set_wrapper_attr(name, value, force=force)`` there (``value`` must travel).
+
+        Returns:
+            Whether the attribute was set (with ``force=False``, only an existing one is).
+        """
+        if _has_local(self, name):
+            setattr(self, name, value)
+            return True
+        check_attr_name(name)
+        reply = self._attr_call({"op": "set_attr", "name": name, "values": [value], "force": bool(force)})
+        done = reply.get("set")
+        if not isinstance(done, list) or len(done) != 1 or not isinstance(done[0], bool):
+            raise ProtocolError("a set_attr reply needs 'set', one bool per slot")
+        return done[0]
+
+    def has_wrapper_attr(self, name: str) -> bool:
+        """Whether this object or the remote env has ``name`` (a name that may not travel: False)."""
+        if _has_local(self, name):
+            return True
+        try:
+            check_attr_name(name)
+        except (RemoteAttributeError, TypeError):
+            return False
+        reply = self._attr_call({"op": "get_attr", "name": name, "probe": True})
+        return bool(values_from_wire(reply, 1)[0])
+
+    def call_remote(self, name: str, args: tuple = (), kwargs: dict | None = None) -> Any:
+        """Run ``env.get_wrapper_attr(name)(*args, **kwargs)`` on the worker (the attribute
+        itself if it is not callable) and return the result: what :class:`RemoteMethod` does."""
+        check_attr_name(name, call=True)
+        reply = self._attr_call({"op": "call", "name": name, "args": list(args), "kwargs": dict(kwargs or {})})
+        return values_from_wire(reply, 1)[0]
+
+    def _attr_call(self, request: dict) -> dict:
+        self._ensure_open()
+        return self._client.call(self._worker, self._slots, request, self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names this object lacks: say where the env's attributes are, without a round trip.
+        if name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(
+            f"{type(self).__name__!r} object has no attribute {name!r}: the env runs on a worker and only its "
+            f"spaces, metadata, render_mode and spec are kept here; read the remote env's attribute with "
+            f"env.get_wrapper_attr({name!r})")
+
     def _ensure_open(self) -> None:
         if self._closed:
             raise EnvClosedError(f"RemoteEnv({self.env_id!r}) is closed")
 
     def __repr__(self) -> str:
         return f"<RemoteEnv {self.env_id} slot={self._slot} worker={self._worker.hex()[:8]}>"
+
+
+class RemoteMethod:
+    """A method of a remote env: calling it runs the method on the worker (one round trip) and
+    returns its result; arguments and result must travel (codec values, numpy arrays included)."""
+
+    __slots__ = ("_env", "name")
+
+    def __init__(self, env: RemoteEnv, name: str) -> None:
+        self._env = env
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._env.call_remote(self.name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<RemoteMethod {self.name} of {self._env!r}>"
+
+
+def check_attr_name(name: Any, *, call: bool = False) -> None:
+    """Refuse an attribute name that may not travel, before anything is sent.
+
+    The client checks; the worker (``remoterl.workers.runtime``) checks again, since a peer
+    may send anything. A name that travels is an identifier of at most ``MAX_ATTR_NAME``
+    characters that does not start with ``_`` (private state, dunders: ``__class__``,
+    ``__init__``) and is not one of gymnasium's helpers that take a name themselves
+    (``get_wrapper_attr``, ``set_wrapper_attr``, ``has_wrapper_attr``), which would reach any
+    name past this check.
+
+    Args:
+        name: the attribute name.
+        call: the name is for ``VectorEnv.call``/``get_attr``: ``reset``, ``step`` and ``close``
+            are refused too, with ``AsyncVectorEnv``'s ``ValueError`` (use them directly).
+
+    Raises:
+        TypeError: ``name`` is not a str (as ``getattr`` raises).
+        RemoteAttributeError: the name may not travel.
+        ValueError: ``call`` and ``name`` is ``reset``, ``step`` or ``close``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"attribute name must be a str, not {type(name).__name__}")
+    if len(name) > MAX_ATTR_NAME or not name.isidentifier():
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise RemoteAttributeError(f"{shown!r} is not an attribute name (an identifier of at most "
+                                   f"{MAX_ATTR_NAME} characters)")
+    if name.startswith("_"):
+        raise RemoteAttributeError(f"{name!r} is private: names starting with '_' are not reached on remote envs")
+    if name in _NAME_TAKERS:
+        raise RemoteAttributeError(f"{name!r} takes an attribute name itself and is not called remotely: "
+                                   f"use it on the local object")
+    if call and name in ("reset", "step", "close"):
+        raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
+
+
+def values_from_wire(reply: Any, n: int) -> list:
+    """The ``values`` of an attribute reply, one per slot, with ints beyond 64 bits restored
+    (they travel as decimal strings, their positions in ``big``).
+
+    Raises:
+        ProtocolError: the reply is not ``n`` values, or ``big`` does not name decimal strings.
+    """
+    values = reply.get("values") if isinstance(reply, dict) else None
+    if not isinstance(values, list) or len(values) != n:
+        raise ProtocolError(f"an attribute reply needs 'values', a list of {n}")
+    for i in reply.get("big") or ():
+        if not isinstance(i, int) or not 0 <= i < n or not isinstance(values[i], str):
+            raise ProtocolError("an attribute reply's 'big' must list positions of decimal strings")
+        try:
+            values[i] = int(values[i])
+        except ValueError:
+            raise ProtocolError("an attribute reply's 'big' must list positions of decimal strings") from None
+    return values
+
+
+def _has_local(env: RemoteEnv, name: str) -> bool:
+    """Whether ``name`` resolves on the local object (never a round trip: see ``__getattr__``)."""
+    return isinstance(name, str) and hasattr(env, name)
 
 
 def metadata_from_wire(desc: Any) -> dict:

@@ -19,10 +19,17 @@ an error also derives from it (a timeout is a ``TimeoutError``, a lost peer a
     ├── WorkerLostError (ConnectionError)
     │                                  the worker holding a slot died: the env's state is gone
     ├── RemoteEnvError                 the env raised on the simulator: carries its traceback
+    ├── RemoteAttributeError (AttributeError)
+    │                                  an env attribute the remote env lacks, or that may not be
+    │                                  reached over the wire (a name starting with ``_``)
     ├── EnvClosedError                 you closed it (not "it broke")
+    ├── ResetNeededError               a vector env out of step with its workers (a step failed
+    │                                  or timed out): only ``reset()`` brings it back
     ├── InvalidActionError (ValueError)
     │                                  an action that cannot fit the action space (not sent)
-    ├── RemoteTimeoutError (TimeoutError)
+    │   └── ActionNotBatchedError (TypeError)
+    │                                  a vector step given something that is no batch at all
+    ├── RemoteTimeoutError (TimeoutError, multiprocessing.TimeoutError)
     │                                  no reply within the call's timeout
     ├── AuthenticationError            wrong or missing API key
     └── LimitExceededError             a broker limit (slots per tenant, new connections a second)
@@ -34,7 +41,12 @@ event in the world.
 
 from __future__ import annotations
 
+import multiprocessing
+
 __all__ = [
+    "ActionNotBatchedError",
+    "RemoteAttributeError",
+    "ResetNeededError",
     "AuthenticationError",
     "BrokerUnavailableError",
     "CapacityError",
@@ -56,7 +68,21 @@ __all__ = [
 
 
 class RemoteRLError(Exception):
-    """Base class of every error remoterl raises."""
+    """Base class of every error remoterl raises.
+
+    Attributes:
+        stepped_slots: on an error a worker answered a step with, the ids of the slots of that
+            call that had stepped (or been reset by autoreset) before it failed, as the worker
+            reported them; ``None`` when the worker did not say (not a step, or an older worker).
+        stepped_envs: on an error raised by a :class:`~remoterl.RemoteEnvVec` step, the env
+            indices that stepped on their workers before the step failed, sorted: every env
+            of a worker that answered the step, and those a failing worker reported in
+            ``stepped_slots``. Envs whose worker did not answer (a timeout, a lost worker) are
+            not listed: whether they stepped is unknown. ``None`` elsewhere.
+    """
+
+    stepped_slots: tuple[int, ...] | None = None
+    stepped_envs: tuple[int, ...] | None = None
 
 
 class ProtocolError(RemoteRLError):
@@ -123,16 +149,49 @@ class RemoteEnvError(RemoteRLError):
         return text
 
 
+class RemoteAttributeError(RemoteRLError, AttributeError):
+    """An env attribute that cannot be read, set or called remotely.
+
+    Either the remote env has no such attribute (what ``getattr`` would raise locally), or
+    the name may not cross the wire: names starting with ``_``, and the helpers that take
+    an attribute name themselves (``get_wrapper_attr``...), are refused by the client and,
+    again, by the worker.
+    """
+
+
 class EnvClosedError(RemoteRLError):
     """The env (or vector env) was closed by its owner and cannot be used any more."""
+
+
+class ResetNeededError(RemoteRLError):
+    """A vector env is out of step with its workers and must be reset before it steps again.
+
+    Raised by :class:`~remoterl.RemoteEnvVec` when asked to step after a step (or reset)
+    failed or timed out: the workers may have stepped some envs, or may still step them,
+    without the trainer seeing the results, so the next transition would not follow the
+    last one it saw. A full ``reset()`` (no ``reset_mask``) brings the vector back in step.
+    """
 
 
 class InvalidActionError(RemoteRLError, ValueError):
     """An action whose shape or type cannot fit the action space; nothing was sent."""
 
 
-class RemoteTimeoutError(RemoteRLError, TimeoutError):
-    """A remote call got no reply within its timeout."""
+class ActionNotBatchedError(InvalidActionError, TypeError):
+    """A vector env was given actions that are no batch at all (a scalar, ``None``, a non-dict
+    for a Dict action space...); nothing was sent.
+
+    An :class:`InvalidActionError` (so a ``ValueError``) and, as gymnasium's vector envs
+    raise for the same input, a ``TypeError``.
+    """
+
+
+class RemoteTimeoutError(RemoteRLError, TimeoutError, multiprocessing.TimeoutError):
+    """A remote call got no reply within its timeout.
+
+    A builtin ``TimeoutError`` and a ``multiprocessing.TimeoutError`` (what
+    ``AsyncVectorEnv.step_wait`` raises), so handlers written for either catch it.
+    """
 
 
 class AuthenticationError(RemoteRLError):
@@ -159,6 +218,7 @@ _CODES: dict[str, type[RemoteRLError]] = {
     "auth": AuthenticationError,
     "limit": LimitExceededError,
     "action": InvalidActionError,
+    "attr": RemoteAttributeError,
 }
 _NAMES = {cls: code for code, cls in _CODES.items()}
 
@@ -182,12 +242,18 @@ def error_from_wire(desc: dict) -> RemoteRLError:
     msg = desc.get("msg", "") if isinstance(desc, dict) else repr(desc)
     if not isinstance(msg, str):
         msg = repr(msg)
+    exc: RemoteRLError
     if cls is RemoteEnvError:
         slot = desc.get("slot")
-        return RemoteEnvError(
+        exc = RemoteEnvError(
             msg,
             remote_type=str(desc.get("type", "")),
             remote_traceback=str(desc.get("tb", "")),
-            slot=slot if isinstance(slot, int) else None,
+            slot=slot if isinstance(slot, int) and not isinstance(slot, bool) else None,
         )
-    return cls(msg)
+    else:
+        exc = cls(msg)
+    stepped = desc.get("stepped") if isinstance(desc, dict) else None
+    if isinstance(stepped, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in stepped):
+        exc.stepped_slots = tuple(stepped)
+    return exc

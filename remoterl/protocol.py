@@ -26,6 +26,13 @@ sockets); MDP/0.2 messages do not. For leniency, an MDP/0.2 message that starts
 with an empty frame is accepted as well, and its replies get the same empty frame
 back, so a peer that emulates REQ framing still understands them.
 
+One non-RFC client dialect is understood too: majortomo's (the ``majortomo`` package
+on PyPI, 0.2.0) ``Client`` numbers client commands like worker commands. It sends
+``["" "MDPC02" 0x02 service body...]`` and reads ``["" "MDPC02" 0x03|0x04 body...]``
+(PARTIAL/FINAL, no service frame). RFC 18 gives 0x02 from a client no meaning (0x02
+PARTIAL and 0x03 FINAL go broker → client), so the empty frame plus 0x02 cannot be
+mistaken for an RFC 18 request; see :func:`parse_mdp_client`.
+
 What this module does not do: it keeps no state and touches no socket. It parses
 (raising :class:`~remoterl.errors.ProtocolError` on anything malformed) and it
 builds frame lists. Routing decisions live in ``remoterl.broker.core``.
@@ -110,6 +117,12 @@ _MDPW = {MdpVersion.V01: b"MDPW01", MdpVersion.V02: b"MDPW02"}
 MDPC_REQUEST = b"\x01"
 MDPC_PARTIAL = b"\x02"
 MDPC_FINAL = b"\x03"
+# majortomo 0.2.0's client dialect: client commands numbered as RFC 18 numbers worker ones.
+MAJORTOMO_REQUEST = b"\x02"
+MAJORTOMO_PARTIAL = b"\x03"
+MAJORTOMO_FINAL = b"\x04"
+# MDP/Worker REQUEST (broker → worker) is 0x02 in RFC 7 and RFC 18 alike.
+MDPW_REQUEST = b"\x02"
 
 # MDP/Worker commands by version. RFC 7 has READY REQUEST REPLY HEARTBEAT DISCONNECT;
 # RFC 18 splits REPLY into PARTIAL and FINAL and renumbers what follows.
@@ -207,18 +220,26 @@ def decode_header(frame: Any, *, what: str = "header") -> dict:
 class MdpClientRequest:
     """A Majordomo client REQUEST (RFC 7 or RFC 18).
 
-    ``empty_prefix`` records whether the message came with a leading empty frame, so
-    the reply can be framed the way the client expects.
+    ``empty_prefix`` records whether the message came with a leading empty frame, and
+    ``majortomo`` whether it was in majortomo's dialect (module docstring), so the reply
+    can be framed the way the client expects.
     """
 
     version: MdpVersion
     service: bytes
     body: list = field(default_factory=list)
     empty_prefix: bool = False
+    majortomo: bool = False
 
 
 def parse_mdp_client(frames: list) -> MdpClientRequest:
     """Parse a message from a Majordomo client (routing frame already removed).
+
+    ``["" "MDPC02" 0x02 service body...]`` is a request in majortomo's dialect
+    (``majortomo=True``). Only with the leading empty frame: majortomo's client always
+    sends it and rejects replies without it, and no known client sends 0x02 without it,
+    so ``["MDPC02" 0x02 ...]`` (the shape of an RFC 18 PARTIAL, broker → client) stays
+    malformed rather than be answered in a framing guessed for an unknown peer.
 
     Raises:
         ProtocolError: not a well-formed MDP client REQUEST.
@@ -239,6 +260,8 @@ def parse_mdp_client(frames: list) -> MdpClientRequest:
     if len(rest) < 3:
         raise ProtocolError("MDP/0.2 REQUEST needs command and service frames")
     command = as_bytes(rest[1])
+    if command == MAJORTOMO_REQUEST and empty_prefix:
+        return MdpClientRequest(version, as_bytes(rest[2]), list(rest[3:]), True, majortomo=True)
     if command != MDPC_REQUEST:
         raise ProtocolError(f"MDP/0.2 client command {command!r} is not REQUEST (0x01)")
     return MdpClientRequest(version, as_bytes(rest[2]), list(rest[3:]), empty_prefix)
@@ -246,9 +269,16 @@ def parse_mdp_client(frames: list) -> MdpClientRequest:
 
 def mdp_client_reply(
     version: MdpVersion, service: bytes, body: list, *, final: bool = True,
-    empty_prefix: bool = False,
+    empty_prefix: bool = False, majortomo: bool = False,
 ) -> list:
-    """Frames of a reply to a Majordomo client (without the routing frame)."""
+    """Frames of a reply to a Majordomo client (without the routing frame).
+
+    With ``majortomo``: ``["" "MDPC02" 0x03|0x04 body...]``, what majortomo 0.2.0's
+    ``Client._parse_message`` reads (empty frame, header, PARTIAL 0x03 or FINAL 0x04, and
+    the body straight after: it has no service frame).
+    """
+    if majortomo:
+        return [b"", b"MDPC02", MAJORTOMO_FINAL if final else MAJORTOMO_PARTIAL, *body]
     if version is MdpVersion.V01:
         return [b"", b"MDPC01", service, *body]
     command = MDPC_FINAL if final else MDPC_PARTIAL

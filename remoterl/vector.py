@@ -10,13 +10,26 @@ Autoreset runs on the workers (no extra round trip), following
 rebuilt here with gymnasium's own ``VectorEnv._add_info`` in env-index order, so
 ``_key`` masks, ``final_obs`` and ``final_info`` sit where gymnasium puts them.
 
-``step_async``/``step_wait`` split a step the way ``AsyncVectorEnv`` does, so a
-trainer can overlap its own work with remote stepping.
+``step_async``/``step_wait``, ``reset_async``/``reset_wait`` and ``call_async``/
+``call_wait`` split calls the way ``AsyncVectorEnv`` does (same ``AsyncState`` errors),
+so a trainer can overlap its own work with remote stepping. ``get_attr``, ``set_attr``
+and ``call`` reach the remote envs' public attributes as ``SyncVectorEnv`` defines them
+(one message per worker; names and values travel as codec values, never pickle).
+
+Never out of step: once a step has been sent, the workers step whether or not the
+trainer sees the results. So when a step (or reset) fails after anything was sent — an
+env raised, a worker died, no reply within the timeout — the vector refuses to step
+again (:class:`~remoterl.errors.ResetNeededError`) until a full ``reset()``, which the
+workers run after whatever they still had queued; a late reply is dropped, never taken
+for a later call's. The error raised for the failed step lists in ``stepped_envs`` the
+envs that did step, as their workers reported.
 """
 
 from __future__ import annotations
 
 import copy
+import reprlib
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium
@@ -27,13 +40,19 @@ from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space
 
 from remoterl.actions import check_actions
-from remoterl.env import metadata_from_wire, spec_from_wire
+from remoterl.env import check_attr_name, metadata_from_wire, spec_from_wire, values_from_wire
+from remoterl.errors import ActionNotBatchedError, InvalidActionError, RemoteRLError, ResetNeededError
 from remoterl.spaces import space_from_wire
 
 __all__ = ["RemoteEnvVec"]
 
 # AutoresetMode -> the worker's wire code (remoterl.workers.runtime.AUTORESET_MODES).
 _MODE_CODES = {AutoresetMode.NEXT_STEP: 0, AutoresetMode.SAME_STEP: 1, AutoresetMode.DISABLED: 2}
+
+# Env attributes that cannot travel as values (spaces, EnvSpec), answered by get_attr/call from
+# the description the workers sent at OPEN: env attribute -> this vector's attribute.
+_DESCRIBED = {"observation_space": "single_observation_space", "action_space": "single_action_space",
+              "spec": "spec"}
 
 
 class RemoteEnvVec(VectorEnv):
@@ -48,7 +67,7 @@ class RemoteEnvVec(VectorEnv):
         client: an explicit :class:`remoterl.Client`.
         max_workers: spread the slots over at most this many workers (cheap envs run
             faster packed on one worker; slow simulators faster spread).
-        timeout: seconds to wait for each step (default: the client's).
+        timeout: seconds to wait for each step, reset and attribute call (default: the client's).
         **kwargs: for ``gymnasium.make`` on the workers (``max_episode_steps``, env
             constructor arguments, ...).
     """
@@ -69,6 +88,10 @@ class RemoteEnvVec(VectorEnv):
         self._timeout = timeout
         self._state = AsyncState.DEFAULT
         self._pending: list = []
+        self._resetting: tuple[list[list[int]], np.ndarray | None] = ([], None)  # (envs per request, mask)
+        self._answered: tuple | None = None  # a call answered here (_DESCRIBED), until call_wait
+        # Why the vector is out of step with its workers (None: in step): see the module docstring.
+        self._out_of_step: str | None = None
         opened = self._client.open(env_id, num_envs, kwargs, max_workers=max_workers, timeout=timeout)
         self.closed = False
         by_worker: dict[bytes, list[int]] = {}
@@ -80,6 +103,7 @@ class RemoteEnvVec(VectorEnv):
             self._groups.append((worker, slots, start, start + len(slots)))
             start += len(slots)
         self._all_slots = [s for _, slots, _, _ in self._groups for s in slots]
+        self._env_of_slot = {slot: i for i, slot in enumerate(self._all_slots)}
 
         desc = opened.env
         self.env_id = env_id
@@ -95,12 +119,35 @@ class RemoteEnvVec(VectorEnv):
         self.spec = spec_from_wire(desc.get("spec"))
         self._observations: Any = None
 
-    # --- gymnasium API ---------------------------------------------------------------------
+    # --- gymnasium API: reset ------------------------------------------------------------------
 
     def reset(self, *, seed: int | list[int | None] | None = None,
               options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        """Reset the envs; ``seed`` and ``options`` (including ``reset_mask``) as SyncVectorEnv."""
-        self._ensure_idle("reset")
+        """Reset the envs; ``seed`` and ``options`` (including ``reset_mask``) as SyncVectorEnv.
+
+        A full reset (no ``reset_mask``, or one that is all True) also brings a vector that
+        fell out of step with its workers back in step.
+
+        Raises:
+            AssertionError (gymnasium < 1.3; TypeError/ValueError after): a ``reset_mask`` that
+                is not a bool array of shape ``(num_envs,)`` with a True, worded as the installed
+                gymnasium's ``SyncVectorEnv``.
+            ValueError: a partial ``reset_mask`` before the first reset (the other envs have no
+                observation yet; ``SyncVectorEnv`` fails on it too).
+            ResetNeededError: a partial ``reset_mask`` while the vector is out of step.
+        """
+        self.reset_async(seed=seed, options=options)
+        return self.reset_wait()
+
+    def reset_async(self, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None) -> None:
+        """Send the resets (one message per worker); collect them with :meth:`reset_wait`.
+
+        Raises:
+            AlreadyPendingCallError: another call has not been waited for (as AsyncVectorEnv).
+            ClosedEnvironmentError: the vector was closed.
+            And the argument errors of :meth:`reset`, before anything is sent.
+        """
+        self._ensure_idle("reset_async")
         if seed is None:
             seeds: list = [None] * self.num_envs
         elif isinstance(seed, (int, np.integer)):
@@ -114,9 +161,29 @@ class RemoteEnvVec(VectorEnv):
         if options is not None and "reset_mask" in options:
             options = dict(options)
             mask = _check_reset_mask(options.pop("reset_mask"), self.num_envs)
-            if self._observations is None:
-                raise ValueError("reset_mask needs a full reset first")
-        obs, env_infos = self.reset_envs(seeds, options, mask)
+            if mask.all():
+                mask = None  # every env: a full reset, as SyncVectorEnv's result is the same
+            elif self._out_of_step is not None:
+                raise ResetNeededError(self._out_of_step_message("a reset of every env (no partial reset_mask)"))
+            elif self._observations is None:
+                raise ValueError(
+                    f"`options['reset_mask']` resets only some envs, but this is the first reset: envs "
+                    f"{np.flatnonzero(~mask).tolist()} have no observation yet; reset every env first")
+        self._send_reset(seeds, options, mask)
+
+    def reset_wait(self, timeout: float | None = None) -> tuple[Any, dict[str, Any]]:
+        """Wait for the resets of :meth:`reset_async`; returns ``(obs, infos)`` as :meth:`reset`.
+
+        Raises:
+            NoAsyncCallError: no reset is pending.
+            RemoteTimeoutError: no reply within ``timeout`` (a ``TimeoutError`` and a
+                ``multiprocessing.TimeoutError``); the vector must then be reset again.
+        """
+        self._ensure_open()
+        if self._state is not AsyncState.WAITING_RESET:
+            raise NoAsyncCallError("Calling `reset_wait` without any prior call to `reset_async`.",
+                                   AsyncState.WAITING_RESET.value)
+        obs, env_infos = self._wait_reset(timeout)
         infos: dict[str, Any] = {}
         for i, info in env_infos:
             infos = self._add_info(infos, info, i)
@@ -130,17 +197,37 @@ class RemoteEnvVec(VectorEnv):
             The batched observations (unmasked envs keep their last ones) and
             ``[(env index, reset info), ...]`` for the envs reset, in index order.
         """
-        pending, picked = [], []
+        self._ensure_idle("reset")
+        self._send_reset(seeds, options, mask)
+        return self._wait_reset(None)
+
+    def _send_reset(self, seeds: list, options: dict | None, mask: np.ndarray | None) -> None:
+        requests, picked = [], []
         for worker, slots, start, stop in self._groups:
             idx = [i for i in range(start, stop) if mask is None or mask[i]]
             if not idx:
                 continue
-            pending.append(self._client.send_call(worker, [slots[i - start] for i in idx], {
-                "op": "reset", "seeds": [seeds[i] for i in idx], "options": options}))
+            requests.append((worker, [slots[i - start] for i in idx],
+                             {"op": "reset", "seeds": [seeds[i] for i in idx], "options": options}))
             picked.append(idx)
-        replies = self._client.wait(pending, self._timeout)
+        self._pending = self._send(requests, "reset")
+        self._resetting = (picked, mask)
+        self._state = AsyncState.WAITING_RESET
+
+    def _wait_reset(self, timeout: float | None) -> tuple[Any, list[tuple[int, dict]]]:
+        pending, self._pending = self._pending, []
+        (picked, mask), self._resetting = self._resetting, ([], None)
+        self._state = AsyncState.DEFAULT
+        try:
+            replies = self._client.wait(pending, timeout if timeout is not None else self._timeout)
+        except BaseException as exc:
+            # Some envs may be reset, others not, and a late reply may still come: in step again
+            # only after a reset that succeeds.
+            self._fall_out_of_step(f"the last reset failed ({_what_failed(exc)})")
+            raise
         if mask is None:
             obs = _concat(self.single_observation_space, [r["obs"] for r in replies])
+            self._out_of_step = None
         else:
             # SyncVectorEnv keeps the last obs of unmasked envs; never alter what we returned before.
             obs = copy.deepcopy(self._observations)
@@ -148,6 +235,8 @@ class RemoteEnvVec(VectorEnv):
                 obs = _scatter(self.single_observation_space, obs, idx, reply["obs"])
         self._observations = obs
         return obs, [(i, info) for idx, reply in zip(picked, replies) for i, info in zip(idx, reply["infos"])]
+
+    # --- gymnasium API: step -------------------------------------------------------------------
 
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step every env with its action: one message per worker, autoreset on the workers."""
@@ -159,26 +248,41 @@ class RemoteEnvVec(VectorEnv):
 
         Raises:
             AlreadyPendingCallError: a previous call has not been waited for.
+            ResetNeededError: a previous step or reset failed or timed out; ``reset()`` first.
+            ActionNotBatchedError: ``actions`` is no batch at all (a scalar, ``None``...): an
+                ``InvalidActionError`` and a ``TypeError``, as gymnasium raises (nothing sent).
             InvalidActionError: the actions cannot fit the batched action space (nothing sent).
         """
         self._ensure_idle("step_async")
+        if self._out_of_step is not None:
+            raise ResetNeededError(self._out_of_step_message("reset()"))
+        space = self.single_action_space
         # The same checks the workers run on arrival (remoterl.actions.check_actions): a batch that
         # does not fit fails here, typed, with nothing sent.
-        actions = check_actions(self.single_action_space, actions, self.num_envs)
+        try:
+            actions = check_actions(space, actions, self.num_envs)
+        except InvalidActionError as exc:
+            if _not_a_batch(space, actions):
+                raise ActionNotBatchedError(
+                    f"step() takes a batch of {self.num_envs} actions for {space}, one per env (as "
+                    f"envs.action_space.sample() gives), got {_what(actions)}") from exc
+            raise
         mode = self._mode
-        self._pending = [
-            self._client.send_call(worker, slots, {
-                "op": "step", "a": _slice(self.single_action_space, actions, start, stop), "m": mode})
-            for worker, slots, start, stop in self._groups
-        ]
+        self._pending = self._send([(worker, slots, {"op": "step", "a": _slice(space, actions, start, stop), "m": mode})
+                                    for worker, slots, start, stop in self._groups], "step")
         self._state = AsyncState.WAITING_STEP
 
     def step_wait(self, timeout: float | None = None) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Wait for the results of :meth:`step_async`.
 
+        After any error here the vector is out of step with its workers: the next step raises
+        :class:`~remoterl.errors.ResetNeededError` until ``reset()``. The error raised lists in
+        ``stepped_envs`` the envs whose workers reported them stepped.
+
         Raises:
             NoAsyncCallError: no step is pending.
-            RemoteTimeoutError: the workers did not answer within ``timeout`` (a TimeoutError).
+            RemoteTimeoutError: the workers did not answer within ``timeout`` (a ``TimeoutError``
+                and a ``multiprocessing.TimeoutError``, as ``AsyncVectorEnv`` raises).
             RemoteEnvError / WorkerLostError: an env raised / a worker died.
         """
         obs, rewards, terminated, truncated, env_infos, finals = self.wait_envs(timeout)
@@ -196,14 +300,20 @@ class RemoteEnvVec(VectorEnv):
         """Collect a step per env: obs, rewards, terminated, truncated, the info of each env,
         and ``{env index: (final obs, final info)}`` for envs reset in the same step (SAME_STEP).
 
-        The per-env form behind :meth:`step_wait` (gymnasium) and SB3's ``RemoteVecEnv``.
+        The per-env form behind :meth:`step_wait` (gymnasium) and SB3's ``RemoteVecEnv``; fails
+        as :meth:`step_wait` does.
         """
         if self._state is not AsyncState.WAITING_STEP:
+            self._ensure_open()
             raise NoAsyncCallError("Calling `step_wait` without any prior call to `step_async`.",
                                    AsyncState.WAITING_STEP.value)
         pending, self._pending = self._pending, []
         self._state = AsyncState.DEFAULT
-        replies = self._client.wait(pending, timeout if timeout is not None else self._timeout)
+        try:
+            replies = self._client.wait(pending, timeout if timeout is not None else self._timeout)
+        except BaseException as exc:
+            self._step_failed(exc, pending)
+            raise
         if len(replies) == 1:
             reply = replies[0]
             obs, rewards, terminated, truncated = reply["obs"], reply["rew"], reply["term"], reply["trunc"]
@@ -221,12 +331,104 @@ class RemoteEnvVec(VectorEnv):
         self._observations = obs
         return obs, rewards, terminated, truncated, env_infos, finals
 
+    # --- gymnasium API: attributes ---------------------------------------------------------------
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call ``name`` on every env with ``args`` and ``kwargs`` (an attribute that is not
+        callable is returned as is), as ``SyncVectorEnv.call``: a tuple, one result per env.
+
+        The envs look the name up with ``env.get_wrapper_attr(name)`` on their workers. Arguments
+        and results must travel (codec values: numbers, strings, lists, dicts, tuples, numpy
+        arrays); one message per worker. ``observation_space``, ``action_space`` and ``spec``,
+        which cannot travel as values, are answered here from what the workers described
+        when the slots opened (every env's is the same).
+
+        Raises:
+            RemoteAttributeError: an env has no attribute ``name``, or ``name`` may not travel
+                (starts with ``_``...): an ``AttributeError``.
+            ValueError: ``name`` is ``reset``, ``step`` or ``close`` (as ``AsyncVectorEnv.call``).
+            CodecError: an argument or a result cannot travel (the message names the attribute).
+            RemoteEnvError: the method raised on a worker (with its traceback).
+        """
+        self.call_async(name, *args, **kwargs)
+        return self.call_wait()
+
+    def call_async(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Send :meth:`call` to the workers; collect the results with :meth:`call_wait`."""
+        self._ensure_idle("call_async")
+        check_attr_name(name, call=True)
+        if name in _DESCRIBED:
+            value = getattr(self, _DESCRIBED[name])
+            self._answered = tuple(value for _ in range(self.num_envs))
+            self._state = AsyncState.WAITING_CALL
+            return
+        self._pending = self._send([(worker, slots, {"op": "call", "name": name, "args": list(args), "kwargs": kwargs})
+                                    for worker, slots, _, _ in self._groups], f"call({name})")
+        self._state = AsyncState.WAITING_CALL
+
+    def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
+        """Wait for the results of :meth:`call_async`: a tuple, one result per env.
+
+        Raises:
+            NoAsyncCallError: no call is pending.
+            RemoteTimeoutError: no reply within ``timeout``.
+        """
+        self._ensure_open()
+        if self._state is not AsyncState.WAITING_CALL:
+            raise NoAsyncCallError("Calling `call_wait` without any prior call to `call_async`.",
+                                   AsyncState.WAITING_CALL.value)
+        pending, self._pending = self._pending, []
+        answered, self._answered = self._answered, None
+        self._state = AsyncState.DEFAULT
+        if answered is not None:
+            return answered
+        replies = self._client.wait(pending, timeout if timeout is not None else self._timeout)
+        return tuple(value for (_, _, start, stop), reply in zip(self._groups, replies)
+                     for value in values_from_wire(reply, stop - start))
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """``name`` of every env, a tuple (as ``SyncVectorEnv.get_attr``, which is ``call(name)``:
+        a method is called without arguments). Raises as :meth:`call`."""
+        return self.call(name)
+
+    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
+        """Set ``name`` on every env with ``env.set_wrapper_attr(name, value)`` on its worker,
+        as ``SyncVectorEnv.set_attr``: ``values`` is one value per env (a list or tuple), or
+        any other value, set on every env.
+
+        Raises:
+            ValueError: a list or tuple whose length is not ``num_envs`` (gymnasium's words).
+            RemoteAttributeError: ``name`` may not travel (starts with ``_``...).
+            CodecError: a value cannot travel.
+            AlreadyPendingCallError: another call has not been waited for.
+        """
+        self._ensure_open()
+        if not isinstance(values, (list, tuple)):
+            values = [values for _ in range(self.num_envs)]
+        if len(values) != self.num_envs:
+            raise ValueError(
+                "Values must be a list or tuple with length equal to the number of environments. "
+                f"Got `{len(values)}` values for {self.num_envs} environments.")
+        self._ensure_idle("set_attr")
+        check_attr_name(name)
+        pending = self._send([(worker, slots, {"op": "set_attr", "name": name, "values": list(values[start:stop]),
+                                               "force": True})
+                              for worker, slots, start, stop in self._groups], f"set_attr({name})")
+        self._client.wait(pending, self._timeout)
+
+    @property
+    def np_random_seed(self) -> tuple[int, ...]:
+        """Every env's ``np_random_seed``, read on its worker, as ``SyncVectorEnv``: ``(42, 43, ...)``
+        after ``reset(seed=42)``, the seeds given after ``reset(seed=[...])``, and each env's own
+        draw (a random int, up to 128 bits) while it was never seeded."""
+        return self.get_attr("np_random_seed")
+
     def render(self) -> Any:
         raise NotImplementedError("RemoteEnvVec.render(): frame streaming from remote workers is not available yet")
 
     def close_extras(self, **kwargs: Any) -> None:
         """Release every slot (envs are closed on their workers)."""
-        if self._state is AsyncState.WAITING_STEP:
+        if self._state is not AsyncState.DEFAULT:
             try:
                 self._client.wait(self._pending, self._timeout)
             except Exception:  # closing anyway: the slots are released below
@@ -241,9 +443,51 @@ class RemoteEnvVec(VectorEnv):
         """The routing ids of the workers holding this vector's slots, in env-index order."""
         return [worker for worker, _, _, _ in self._groups]
 
-    def _ensure_idle(self, what: str) -> None:
+    def _send(self, requests: list[tuple[bytes, list[int], dict]], what: str) -> list:
+        """Send one call per worker; return the pending entries.
+
+        If a send fails after others went out (a lost worker, a message over the limit), the
+        workers that got theirs run them: a step or reset leaves the vector out of step.
+        """
+        pending = []
+        try:
+            for worker, slots, request in requests:
+                pending.append(self._client.send_call(worker, slots, request, what))
+        except BaseException as exc:
+            if pending and what in ("step", "reset"):
+                self._fall_out_of_step(f"the last {what} reached only some of the workers ({_what_failed(exc)})")
+            raise
+        return pending
+
+    def _step_failed(self, exc: BaseException, pending: list) -> None:
+        """The step's wait failed: note which envs stepped on ``exc``, and fall out of step."""
+        if isinstance(exc, RemoteRLError):
+            stepped: list[int] = []
+            for (_, _, start, stop), entry in zip(self._groups, pending):
+                if not entry.done:
+                    continue  # no answer (yet): unknown
+                if entry.error is None:
+                    stepped.extend(range(start, stop))
+                else:
+                    known = getattr(entry.error, "stepped_slots", None) or ()
+                    stepped.extend(self._env_of_slot[s] for s in known if s in self._env_of_slot)
+            exc.stepped_envs = tuple(sorted(stepped))
+        self._fall_out_of_step(f"the last step failed ({_what_failed(exc)})")
+
+    def _fall_out_of_step(self, reason: str) -> None:
+        self._out_of_step = reason
+        self._observations = None
+
+    def _out_of_step_message(self, needed: str) -> str:
+        return (f"{self!r} is out of step with its workers: {self._out_of_step}; the workers may have "
+                f"stepped envs whose results never arrived. Call {needed} before stepping again.")
+
+    def _ensure_open(self) -> None:
         if self.closed:
             raise ClosedEnvironmentError(f"Trying to operate on `{type(self).__name__}`, after a call to `close()`.")
+
+    def _ensure_idle(self, what: str) -> None:
+        self._ensure_open()
         if self._state is not AsyncState.DEFAULT:
             raise AlreadyPendingCallError(
                 f"Calling `{what}` while waiting for a pending call to `{self._state.value}` to complete",
@@ -253,8 +497,59 @@ class RemoteEnvVec(VectorEnv):
         return f"RemoteEnvVec({self.env_id!r}, num_envs={self.num_envs}, workers={len(self._groups)})"
 
 
+def _what_failed(exc: BaseException) -> str:
+    """``Type: first line of the message``, for a reason shown later."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _not_a_batch(space: gymnasium.spaces.Space, actions: Any) -> bool:
+    """Whether ``actions`` is of a type no batch of ``space`` has (what gymnasium's ``iterate``
+    refuses with a ``TypeError``), as opposed to a batch of the wrong shape or dtype."""
+    if isinstance(space, gymnasium.spaces.Dict):
+        return not isinstance(actions, Mapping)
+    if isinstance(space, gymnasium.spaces.Tuple):
+        return not isinstance(actions, (tuple, list, np.ndarray))
+    if isinstance(actions, (str, bytes, Mapping)):
+        return True
+    try:
+        return np.ndim(actions) == 0
+    except Exception:  # ragged: a sequence, of the wrong shape
+        return False
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _gymnasium_version() -> tuple[int, int]:
+    parts = gymnasium.__version__.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return 1, 0
+
+
+# gymnasium 1.1 and 1.2 check reset_mask with bare asserts; the releases after raise TypeError or
+# ValueError in other words. Match the installed one: code and tests written against it catch those.
+_TYPED_MASK_ERRORS = _gymnasium_version() >= (1, 3)
+
+
 def _check_reset_mask(mask: Any, num_envs: int) -> np.ndarray:
-    # The same checks, in the same order and words, as SyncVectorEnv.reset.
+    """The checks of the installed gymnasium's ``SyncVectorEnv.reset``, in its order, types and words."""
+    if not _TYPED_MASK_ERRORS:
+        # Raised, not asserted: ``python -O`` must not skip the checks.
+        if not isinstance(mask, np.ndarray):
+            raise AssertionError(f"`options['reset_mask': mask]` must be a numpy array, got {type(mask)}")
+        if mask.shape != (num_envs,):
+            raise AssertionError(f"`options['reset_mask': mask]` must have shape `({num_envs},)`, got {mask.shape}")
+        if mask.dtype != np.bool_:
+            raise AssertionError(f"`options['reset_mask': mask]` must have `dtype=np.bool_`, got {mask.dtype}")
+        if not np.any(mask):
+            raise AssertionError(f"`options['reset_mask': mask]` must contain a boolean array, got reset_mask={mask}")
+        return mask
     if not isinstance(mask, np.ndarray):
         raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
     if mask.shape != (num_envs,):

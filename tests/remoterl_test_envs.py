@@ -89,6 +89,45 @@ class SleepyEnv(gymnasium.Env):
         return np.zeros(1, np.float32), 0.0, False, False, {}
 
 
+class CountingEnv(gymnasium.Env):
+    """The observation is the number of steps since the last reset, so a step the trainer
+    never saw shows in the next observation. Each step sleeps ``delay`` seconds.
+
+    Public attributes and methods for ``get_attr``/``set_attr``/``call``: ``steps``, ``delay``,
+    ``label``, ``scale(x, factor=2)``, ``fail()`` (raises), ``handle`` (an object that cannot
+    travel) and ``_secret`` (private: never reached remotely).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, delay: float = 0.0, label: str = "counting") -> None:
+        self.delay = delay
+        self.label = label
+        self.steps = 0
+        self.handle = object()
+        self._secret = "private"
+        self.observation_space = spaces.Box(0.0, np.inf, (1,), np.float32)
+        self.action_space = spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.steps = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        if self.delay:
+            time.sleep(self.delay)
+        self.steps += 1
+        return np.array([self.steps], np.float32), 1.0, False, False, {}
+
+    def scale(self, x, factor=2):
+        return np.asarray(x) * factor
+
+    def fail(self):
+        raise RuntimeError("fail() on purpose")
+
+
 gymnasium.register(id="RaisingEnv-v0", entry_point=f"{__name__}:RaisingEnv")
+gymnasium.register(id="CountingEnv-v0", entry_point=f"{__name__}:CountingEnv")
 gymnasium.register(id="SleepyEnv-v0", entry_point=f"{__name__}:SleepyEnv")
 gymnasium.register(id="DictObsEnv-v0", entry_point=f"{__name__}:DictObsEnv")

@@ -68,3 +68,15 @@ def test_served_requests_do_not_pile_up(q):
         assert q.pop(b"svc") is not None
     assert len(q._arrivals) < 200
     assert q.expire(10.5) == 1 and len(q) == 0
+
+
+def test_a_request_given_back_expires_by_its_arrival_time(q):
+    """A request handed to a worker that left is given back with the time it first arrived:
+    the broker starts no request later than ``ttl`` after its client asked."""
+    q.push(req(b"a", b"old", at=0.0))
+    given = q.pop(b"svc")
+    q.push(req(b"b", b"new", at=5.0))
+    assert q.push(given, front=True) is None
+    assert q.expire(9.0) == 0 and len(q) == 2
+    assert q.expire(10.5) == 1
+    assert drain(q) == [(b"b", b"new")] and q.bytes == 0

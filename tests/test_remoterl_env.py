@@ -177,3 +177,80 @@ def test_no_broker_says_the_url_and_how_to_start_one():
     assert isinstance(info.value, ConnectionError)
     with pytest.raises(BrokerUnavailableError):  # a proxy on that client fails the same way, typed
         RemoteEnv("CartPole-v1", client=client)
+
+
+# --- remote attributes: get_wrapper_attr, set_wrapper_attr, has_wrapper_attr --------------------
+
+
+def test_get_wrapper_attr_reads_the_remote_env(make_env):
+    remote, local = make_env("CartPole-v1"), gymnasium.make("CartPole-v1")
+    for name in ("gravity", "masspole", "x_threshold", "theta_threshold_radians", "kinematics_integrator"):
+        assert remote.get_wrapper_attr(name) == local.get_wrapper_attr(name), name
+    # What the proxy has itself is answered here, without a round trip.
+    assert remote.get_wrapper_attr("observation_space") is remote.observation_space
+    assert remote.get_wrapper_attr("reset") == remote.reset
+    # Through gymnasium's wrappers, as SyncVectorEnv.get_attr and SB3's DummyVecEnv.get_attr reach it.
+    wrapped = RecordEpisodeStatistics(TimeLimit(remote, max_episode_steps=5))
+    assert wrapped.get_wrapper_attr("gravity") == local.get_wrapper_attr("gravity")
+    assert wrapped.has_wrapper_attr("gravity") and not wrapped.has_wrapper_attr("no_such_thing")
+
+
+def test_set_wrapper_attr_sets_it_on_the_worker(make_env):
+    env = make_env("CartPole-v1")
+    assert env.set_wrapper_attr("gravity", 1.5) is True
+    assert env.get_wrapper_attr("gravity") == 1.5
+    assert env.set_wrapper_attr("no_such_thing", 1, force=False) is False  # only what exists
+    assert not env.has_wrapper_attr("no_such_thing")
+    assert env.set_wrapper_attr("no_such_thing", 1) is True  # force: created there
+    assert env.get_wrapper_attr("no_such_thing") == 1
+    # Through a wrapper: gymnasium asks the inner env with force=False first, so it lands remotely.
+    wrapped = TimeLimit(env, max_episode_steps=5)
+    wrapped.set_wrapper_attr("gravity", 2.5)
+    assert env.get_wrapper_attr("gravity") == 2.5 and "gravity" not in vars(wrapped)
+
+
+def test_a_remote_method_runs_on_the_worker(make_env):
+    env = make_env("CartPole-v1")  # hosted as gymnasium.make builds it: TimeLimit outermost
+    method = env.get_wrapper_attr("class_name")
+    assert isinstance(method, remoterl.env.RemoteMethod) and "class_name" in repr(method)
+    assert method() == "TimeLimit"
+    # SyncVectorEnv of wrapped RemoteEnvs (make_vec's fallback with per-env wrappers): get_attr, call.
+    vec = gymnasium.vector.SyncVectorEnv([lambda: TimeLimit(env, 5)])
+    assert vec.get_attr("gravity") == (9.8,) and vec.call("class_name") == ("TimeLimit",)
+
+
+def test_unwrapped_is_the_local_proxy_and_points_at_get_wrapper_attr(make_env):
+    env = make_env("CartPole-v1")
+    assert env.unwrapped is env
+    with pytest.raises(AttributeError, match=r"get_wrapper_attr\('gravity'\)"):
+        env.unwrapped.gravity  # noqa: B018
+    assert not hasattr(env, "gravity")  # no round trip, no surprise
+
+
+def test_remote_attribute_errors(make_env, url):
+    from remoterl import CodecError
+    from remoterl.errors import RemoteAttributeError
+
+    env = make_env("CartPole-v1")
+    with pytest.raises(RemoteAttributeError, match="no_such_thing") as info:
+        env.get_wrapper_attr("no_such_thing")
+    assert isinstance(info.value, AttributeError)
+    with pytest.raises(AttributeError):  # through a wrapper: gymnasium's own AttributeError
+        TimeLimit(env, 5).get_wrapper_attr("no_such_thing")
+    with pytest.raises(CodecError, match="'np_random'"):  # the worker's generator cannot travel
+        env.call_remote("np_random")
+    before = worker_calls(url)
+    for name in ("_secret", "__not_here__", "a.b", ""):
+        assert not env.has_wrapper_attr(name)
+        with pytest.raises(RemoteAttributeError):
+            env.get_wrapper_attr(name)
+        with pytest.raises(RemoteAttributeError):
+            env.set_wrapper_attr(name, 1)
+    for name in ("_np_random", "__class__", "get_wrapper_attr", "set_wrapper_attr"):
+        with pytest.raises(RemoteAttributeError):
+            env.call_remote(name)
+    assert env.get_wrapper_attr("_np_random") is env._np_random  # the proxy's own: answered here
+    assert worker_calls(url) == before, "nothing may reach the worker"
+    env.close()
+    with pytest.raises(EnvClosedError):
+        env.get_wrapper_attr("gravity")

@@ -116,6 +116,27 @@ class TestMdpClient:
         req = p.parse_mdp_client([b"MDPC01", b"echo", b"a"])
         assert (req.version, req.service, req.body, req.empty_prefix) == (V01, b"echo", [b"a"], True)
 
+    def test_parse_mdp_client_majortomo_dialect(self):
+        # majortomo 0.2.0's Client: leading empty frame, REQUEST numbered 0x02 (as RFC 18's
+        # worker REQUEST), then service and body.
+        body = [b"a", b"b"]
+        req = p.parse_mdp_client([b"", b"MDPC02", b"\x02", b"echo", *body])
+        assert req == p.MdpClientRequest(V02, b"echo", body, empty_prefix=True, majortomo=True)
+        assert req.body[0] is body[0]
+        assert p.parse_mdp_client([b"", b"MDPC02", b"\x02", b"echo"]).body == []
+        # An RFC 18 request is not mistaken for it, with or without the empty frame.
+        assert not p.parse_mdp_client([b"", b"MDPC02", b"\x01", b"echo"]).majortomo
+        assert not p.parse_mdp_client([b"MDPC02", b"\x01", b"echo"]).majortomo
+
+    def test_mdp_client_reply_majortomo(self):
+        # What majortomo's Client._parse_message reads: "", header, 0x03 PARTIAL / 0x04 FINAL,
+        # then the body (no service frame).
+        body = [b"x", b"y"]
+        final = p.mdp_client_reply(V02, b"echo", body, empty_prefix=True, majortomo=True)
+        assert final == [b"", b"MDPC02", b"\x04", b"x", b"y"] and final[3] is body[0]
+        partial = p.mdp_client_reply(V02, b"echo", body, final=False, empty_prefix=True, majortomo=True)
+        assert partial == [b"", b"MDPC02", b"\x03", b"x", b"y"]
+
     def test_parse_mdp_client_accepts_buffers(self):
         req = p.parse_mdp_client([memoryview(b"MDPC02"), bytearray(b"\x01"), memoryview(b"echo"), b"x"])
         assert req.service == b"echo" and type(req.service) is bytes
@@ -128,7 +149,11 @@ class TestMdpClient:
         [b"MDPC02"],
         [b"MDPC02", b"\x01"],                        # no service frame
         [b"", b"MDPC02", b"\x01"],
-        [b"MDPC02", b"\x02", b"echo"],               # PARTIAL is broker → client only
+        [b"MDPC02", b"\x02", b"echo"],               # PARTIAL is broker → client only (majortomo's
+                                                     # 0x02 REQUEST comes with an empty frame)
+        [b"", b"MDPC02", b"\x02"],                   # majortomo dialect without a service frame
+        [b"", b"MDPC02", b"\x03", b"echo", b"x"],    # 0x03/0x04 are replies in either numbering
+        [b"", b"MDPC02", b"\x04", b"echo", b"x"],
         [b"MDPC02", b"\x03", b"echo", b"x"],         # FINAL too
         [b"MDPC02", b"", b"echo"],
         [b"MDPC02", b"\x01\x00", b"echo"],

@@ -10,6 +10,8 @@ with the same seeds and actions, must give the same observations, rewards, flags
 
 from __future__ import annotations
 
+import gc
+
 import gymnasium
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ from conftest import assert_same
 
 import remoterl.env
 from remoterl import codec
-from remoterl_test_envs import RaisingEnv  # the same env the worker-process tests use
+from remoterl_test_envs import CountingEnv, RaisingEnv  # the same envs the worker-process tests use
 from remoterl.spaces import space_from_wire
 from remoterl.workers.runtime import AUTORESET_MODES, SlotHost
 
@@ -77,10 +79,62 @@ class InfoWrapper(gymnasium.Wrapper):
         return obs, reward, terminated, truncated, {**info, **extra}
 
 
+class KeyedActionEnv(gymnasium.Env):
+    """A Dict action space whose keys are a constructor argument: two OPENs with other kwargs
+    give action spaces of other structure, under the same env id."""
+
+    def __init__(self, keys=("a",)) -> None:
+        self.observation_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.action_space = gymnasium.spaces.Dict({k: gymnasium.spaces.Discrete(2) for k in keys})
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        assert sorted(action) == sorted(self.action_space.spaces), f"got keys {sorted(action)}"
+        return np.zeros(1, np.float32), 0.0, False, False, {}
+
+
+class SameStepResetRaisesEnv(RaisingEnv):
+    """Ends on every step; its reset raises after the first: SAME_STEP fails after the step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resets = 0
+
+    def reset(self, *, seed=None, options=None):
+        self.resets += 1
+        if self.resets > 1:
+            raise RuntimeError("reset refused")
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        return np.ones(2, np.float32), 1.0, True, False, {}
+
+
+class RaggedObsEnv(RaisingEnv):
+    """Every other instance steps to an observation of the wrong shape: the batch cannot be stacked."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        RaggedObsEnv.made += 1
+        self.size = 2 + RaggedObsEnv.made % 2
+
+    def step(self, action):
+        return np.ones(self.size, np.float32), 1.0, False, False, {}
+
+
 CUSTOM = {
     "RaisingEnv-v0": RaisingEnv,
     "SetInfoEnv-v0": SetInfoEnv,
     "ClosingEnv-v0": ClosingEnv,
+    "KeyedActionEnv-v0": KeyedActionEnv,
+    "CountingEnv-v0": CountingEnv,
+    "SameStepResetRaisesEnv-v0": SameStepResetRaisesEnv,
+    "RaggedObsEnv-v0": RaggedObsEnv,
 }
 
 
@@ -554,6 +608,182 @@ def test_info_that_cannot_travel_is_a_codec_error_naming_the_key():
     assert reply["r"] == 2
     assert "'tags'" in error["msg"] and "set" in error["msg"]
     assert sorted(host.slots) == SLOTS
+    host.close_all()
+
+
+def test_a_failed_step_says_which_slots_stepped():
+    host = opened_host("RaisingEnv-v0", slots=[4, 7, 9, 2])
+    call(host, {"r": 1, "op": "reset", "slots": [4, 7, 9, 2]})
+    reply = call(host, {"r": 2, "op": "step", "slots": [4, 7, 9, 2], "a": np.array([0, 0, 1, 0]), "m": 0})
+    error = assert_error(reply, "env")
+    assert error["slot"] == 9 and error["stepped"] == [4, 7]  # slot ids, in the call's order
+    reply = call(host, {"r": 3, "op": "step", "slots": [4, 7, 9, 2], "a": np.array([1, 0, 0, 0]), "m": 0})
+    assert assert_error(reply, "env")["stepped"] == []
+    host.close_all()
+
+
+def test_a_step_that_fails_after_the_env_stepped_counts_it():
+    # SAME_STEP: the env stepped and ended, then its reset raised: it did step.
+    host = opened_host("SameStepResetRaisesEnv-v0", slots=[1, 2])
+    call(host, {"r": 1, "op": "reset", "slots": [1, 2]})
+    error = assert_error(call(host, {"r": 2, "op": "step", "slots": [1, 2], "a": np.array([0, 0]), "m": 1}), "env")
+    assert error["slot"] == 1 and error["stepped"] == [1] and "reset refused" in error["msg"]
+    host.close_all()
+
+
+@pytest.mark.parametrize("env_id, code", [("SetInfoEnv-v0", "codec"), ("RaggedObsEnv-v0", "env")])
+def test_a_step_whose_results_cannot_travel_stepped_every_slot(env_id, code):
+    host = opened_host(env_id)
+    call(host, {"r": 1, "op": "reset", "slots": SLOTS})
+    error = assert_error(call(host, {"r": 2, "op": "step", "slots": SLOTS, "a": np.array([0, 0, 0]), "m": 0}), code)
+    assert error["stepped"] == SLOTS
+    host.close_all()
+
+
+def test_refused_steps_say_nothing_about_stepping():
+    # Refused before any env ran: no "stepped" (the client knows nothing moved there).
+    host = opened_host("CartPole-v1")
+    call(host, {"r": 1, "op": "reset", "slots": SLOTS})
+    for name in ("too few actions", "unknown op"):
+        assert "stepped" not in raw_call(host, MALFORMED[name])["error"]
+    host.close_all()
+
+
+def test_batched_action_space_is_never_taken_from_a_freed_env():
+    # The batched action space was cached by id(action_space): once an env was closed and its space
+    # freed, a new space could get the same id, and a step of an env opened with other kwargs was
+    # checked against the old structure. 200 open/step/close rounds made that happen about 60 times.
+    host = SlotHost(None, 8, make=make_env)
+    for i in range(200):
+        keys = ["a", "b"] if i % 2 == 0 else ["x", "y", "z"]
+        opened = host.open(CLIENT, {"r": 1, "env": "KeyedActionEnv-v0", "kwargs": {"keys": keys}, "slots": [i]})
+        assert "error" not in opened, opened
+        call(host, {"r": 2, "op": "reset", "slots": [i]})
+        reply = call(host, {"r": 3, "op": "step", "slots": [i], "a": {k: np.zeros(1, np.int64) for k in keys}, "m": 0})
+        assert "error" not in reply, (i, reply)
+        host.close(CLIENT, [i])
+        del opened, reply
+        gc.collect()
+
+
+def test_batched_action_space_follows_a_space_the_env_replaced():
+    host = opened_host("KeyedActionEnv-v0", slots=[1, 2], keys=["a"])
+    call(host, {"r": 1, "op": "reset", "slots": [1, 2]})
+    assert "error" not in call(host, {"r": 2, "op": "step", "slots": [1, 2], "a": {"a": np.zeros(2, np.int64)}, "m": 0})
+    for slot in host.slots.values():
+        slot.env.action_space = gymnasium.spaces.Dict({"b": gymnasium.spaces.Discrete(2)})
+    assert "error" not in call(host, {"r": 3, "op": "step", "slots": [1, 2], "a": {"b": np.zeros(2, np.int64)}, "m": 0})
+    host.close_all()
+
+
+# ----------------------------------------------------------------------------
+# Attributes: get_attr, set_attr, call
+
+
+def counting_host(slots=SLOTS, **kwargs) -> SlotHost:
+    host = opened_host("CountingEnv-v0", slots=slots, **kwargs)
+    call(host, {"r": 1, "op": "reset", "slots": list(slots), "seeds": list(range(len(slots)))})
+    return host
+
+
+def test_get_attr_reads_each_slot_and_marks_methods():
+    host = counting_host(label="L")
+    for slot, steps in zip(host.slots.values(), (3, 4, 5)):
+        slot.env.steps = steps
+    assert call(host, {"r": 2, "op": "get_attr", "slots": SLOTS, "name": "steps"}) == {"r": 2, "values": [3, 4, 5]}
+    assert call(host, {"r": 3, "op": "get_attr", "slots": SLOTS, "name": "label"})["values"] == ["L"] * 3
+    reply = call(host, {"r": 4, "op": "get_attr", "slots": SLOTS, "name": "scale"})
+    assert reply == {"r": 4, "values": [None] * 3, "callable": [0, 1, 2]}  # not called
+    reply = call(host, {"r": 5, "op": "get_attr", "slots": SLOTS, "name": "np_random_seed"})
+    assert reply["values"] == [0, 1, 2] and "big" not in reply
+    probe = {"r": 6, "op": "get_attr", "slots": SLOTS, "probe": True}
+    assert call(host, {**probe, "name": "steps"})["values"] == [True] * 3
+    assert call(host, {**probe, "name": "nope"})["values"] == [False] * 3
+    host.close_all()
+
+
+def test_ints_beyond_64_bits_travel_as_decimal_strings():
+    host = opened_host("CountingEnv-v0")  # never seeded: gymnasium draws 128-bit seeds
+    local = [slot.env.np_random_seed for slot in host.slots.values()]
+    assert max(local) >= 2**64, "gymnasium's own seeds should need more than 64 bits"
+    reply = call(host, {"r": 2, "op": "get_attr", "slots": SLOTS, "name": "np_random_seed"})
+    assert reply["values"] == [str(v) if v >= 2**64 else v for v in local]
+    assert reply["big"] == [i for i, v in enumerate(local) if v >= 2**64]
+    assert remoterl.env.values_from_wire(reply, 3) == local
+    host.close_all()
+
+
+def test_call_calls_methods_and_returns_plain_attributes():
+    host = counting_host()
+    reply = call(host, {"r": 2, "op": "call", "slots": SLOTS, "name": "scale",
+                        "args": [np.arange(3, dtype=np.float32)], "kwargs": {"factor": 4}})
+    assert_same(reply["values"], [np.arange(3, dtype=np.float32) * 4] * 3, "scale results")
+    assert call(host, {"r": 3, "op": "call", "slots": SLOTS, "name": "steps"})["values"] == [0, 0, 0]
+    error = assert_error(call(host, {"r": 4, "op": "call", "slots": SLOTS, "name": "fail"}), "env")
+    assert error["slot"] == SLOTS[0] and "fail() on purpose" in error["msg"] and "RuntimeError" in error["tb"]
+    host.close_all()
+
+
+def test_set_attr_sets_one_value_per_slot():
+    host = counting_host()
+    reply = call(host, {"r": 2, "op": "set_attr", "slots": SLOTS, "name": "steps", "values": [7, 8, 9], "force": True})
+    assert reply == {"r": 2, "set": [True] * 3}
+    assert [slot.env.unwrapped.steps for slot in host.slots.values()] == [7, 8, 9]
+    reply = call(host, {"r": 3, "op": "set_attr", "slots": SLOTS, "name": "fresh", "values": [1, 2, 3], "force": False})
+    assert reply["set"] == [False] * 3  # force=False sets only what exists
+    host.close_all()
+
+
+@pytest.mark.parametrize("request_, code", [
+    ({"op": "get_attr", "name": "_secret"}, "attr"),
+    ({"op": "get_attr", "name": "__class__"}, "attr"),
+    ({"op": "get_attr", "name": "no_such_attribute"}, "attr"),
+    ({"op": "get_attr", "name": "a.b"}, "attr"),
+    ({"op": "get_attr", "name": "x" * 257}, "attr"),
+    ({"op": "call", "name": "get_wrapper_attr", "args": ["_secret"]}, "attr"),
+    ({"op": "call", "name": "has_wrapper_attr", "args": ["_secret"]}, "attr"),
+    ({"op": "call", "name": "close"}, "attr"),
+    ({"op": "call", "name": "reset"}, "attr"),
+    ({"op": "call", "name": "step", "args": [0]}, "attr"),
+    ({"op": "set_attr", "name": "_secret", "values": [1, 1, 1]}, "attr"),
+    ({"op": "set_attr", "name": "set_wrapper_attr", "values": [1, 1, 1]}, "attr"),
+    ({"op": "get_attr"}, "protocol"),
+    ({"op": "get_attr", "name": 5}, "protocol"),
+    ({"op": "call", "name": "scale", "args": 5}, "protocol"),
+    ({"op": "call", "name": "scale", "args": [1], "kwargs": {1: 2}}, "protocol"),
+    ({"op": "set_attr", "name": "steps", "values": [1, 2]}, "protocol"),
+    ({"op": "set_attr", "name": "steps", "values": 1}, "protocol"),
+    ({"op": "set_attr", "name": "steps", "values": [1, 2, 3], "force": "yes"}, "protocol"),
+], ids=["private", "dunder", "missing", "dotted", "too-long", "helper-get", "helper-has", "close", "reset", "step",
+        "set-private", "set-helper", "no-name", "name-not-str", "args-not-list", "kwargs-int-keys",
+        "values-short", "values-not-list", "force-not-bool"])
+def test_attribute_calls_the_worker_refuses(request_, code):
+    host = counting_host()
+    before = [(slot.env.unwrapped.steps, slot.env.unwrapped._secret) for slot in host.slots.values()]
+    error = assert_error(call(host, {"r": 2, "slots": SLOTS, **request_}), code)
+    if request_.get("name") == "no_such_attribute":
+        assert "no_such_attribute" in error["msg"]
+    assert [(slot.env.unwrapped.steps, slot.env.unwrapped._secret) for slot in host.slots.values()] == before
+    assert host.stats["steps"] == 0 and host.stats["resets"] == 3  # nothing ran
+    host.close_all()
+
+
+def test_a_value_that_cannot_travel_is_a_codec_error_naming_the_attribute():
+    host = counting_host()
+    error = assert_error(call(host, {"r": 2, "op": "get_attr", "slots": SLOTS, "name": "handle"}), "codec")
+    assert "'handle'" in error["msg"] and f"slot {SLOTS[0]}" in error["msg"] and "object" in error["msg"]
+    error = assert_error(call(host, {"r": 3, "op": "call", "slots": SLOTS, "name": "np_random"}), "codec")
+    assert "'np_random'" in error["msg"] and "Generator" in error["msg"]
+    assert "error" not in call(host, {"r": 4, "op": "step", "slots": SLOTS, "a": np.zeros(3, np.int64), "m": 0})
+    host.close_all()
+
+
+def test_attribute_calls_reach_only_the_callers_slots():
+    host = counting_host(slots=[1, 2])
+    assert "error" not in host.open(OTHER, {"r": 1, "env": "CountingEnv-v0", "kwargs": {}, "slots": [3]})
+    reply = call(host, {"r": 2, "op": "set_attr", "slots": [3, 1], "name": "steps", "values": [5, 5]}, client=OTHER)
+    assert_error(reply, "closed")
+    assert host.slots[1].env.unwrapped.steps == 0
     host.close_all()
 
 

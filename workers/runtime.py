@@ -10,7 +10,9 @@ object three kinds of request and sends back what it returns:
   the env once (spaces, metadata, spec) for the client to cache.
 * ``call(client, header_frame, frames)`` runs one batched call for many slots of
   one client — ``reset`` or ``step`` — and returns ONE reply: observations stacked
-  per slot order, rewards, flags, and per-slot infos.
+  per slot order, rewards, flags, and per-slot infos. ``get_attr``, ``set_attr`` and
+  ``call`` reach the envs' public attributes and methods by name (gymnasium's
+  ``VectorEnv.get_attr``/``set_attr``/``call``, ``Env.get_wrapper_attr``).
 * ``close(client, slots)`` closes envs.
 
 Vector semantics (autoreset) live here, so an episode boundary costs no extra round
@@ -34,7 +36,8 @@ slots may live on several workers.
 Failures: an exception inside an env becomes an ``env`` error reply with the
 traceback text; the slot host keeps serving every slot. A call naming a slot the
 client does not own gets a ``closed`` error. Nothing a client sends raises out of
-:meth:`SlotHost.call`.
+:meth:`SlotHost.call`. A batched step that fails after some of its slots stepped says
+which in the error's ``stepped`` (slot ids), so the client knows how far its envs moved.
 
 Hostile input (the broker may sit on a public address, and one worker hosts many
 clients' slots): no call may make the worker run work out of proportion to what the
@@ -46,7 +49,10 @@ gets an ``action`` error (``InvalidActionError`` on the client); a call names ea
 slot once; the codec bounds what a zero-size array may span. Nothing from the wire
 makes the worker import a module ``--import``/``--allow-import`` do not permit:
 neither a registration's entry point nor an env id written ``module:Env-v0``, which
-``gymnasium.make`` would otherwise import.
+``gymnasium.make`` would otherwise import. Attribute calls reach only public names of the
+client's own envs (``remoterl.env.check_attr_name``: no ``_`` prefix, no helper that takes
+a name itself, no ``reset``/``step``/``close`` through ``call``, whose slot bookkeeping lives
+here); their arguments are codec values, like everything else a client sends.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from __future__ import annotations
 import enum
 import functools
 import importlib
+import inspect
 import logging
 import reprlib
 import traceback
@@ -67,8 +74,9 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array,
 
 from remoterl import codec
 from remoterl.actions import check_action, check_actions
-from remoterl.errors import (CodecError, InvalidActionError, ProtocolError, RemoteRLError, UnsupportedSpaceError,
-                             error_to_wire)
+from remoterl.env import check_attr_name
+from remoterl.errors import (CodecError, InvalidActionError, ProtocolError, RemoteAttributeError, RemoteRLError,
+                             UnsupportedSpaceError, error_to_wire)
 from remoterl.spaces import space_to_wire
 
 __all__ = ["AUTORESET_MODES", "SlotHost"]
@@ -82,6 +90,11 @@ _ARRAY_SPACES = (gymnasium.spaces.Box, gymnasium.spaces.Discrete, gymnasium.spac
 AUTORESET_MODES = {0: "next_step", 1: "same_step", 2: "disabled"}
 _NEXT_STEP, _SAME_STEP, _DISABLED = 0, 1, 2
 
+# msgpack ints are 64-bit; a seed gymnasium draws itself (np_random_seed before any seeded
+# reset) has 128. An attribute value that is such an int travels as its decimal string,
+# its position listed in the reply's "big".
+_INT_MIN, _INT_END = -(2**63), 2**64
+
 
 @dataclass(eq=False)
 class _Slot:
@@ -90,6 +103,10 @@ class _Slot:
     env_id: str
     env: Any
     autoreset: bool = False
+    # (action space, k, batch_space(action space, k)) of the last batched step led by this slot.
+    # Holding the space itself keeps the identity check sound: an id() can be reused once its
+    # object is freed, a referenced object's cannot.
+    batched: tuple | None = None
 
 
 class SlotHost:
@@ -114,8 +131,8 @@ class SlotHost:
         self._make = make or gymnasium.make
         self.slots: dict[int, _Slot] = {}
         self.stats = {"steps": 0, "resets": 0, "calls": 0, "errors": 0}
-        self._batched: dict[tuple, Any] = {}
-        self._ops = {"step": self._step, "reset": self._reset}
+        self._ops = {"step": self._step, "reset": self._reset, "get_attr": self._get_attr,
+                     "set_attr": self._set_attr, "call": self._call}
 
     # --- what the broker is told ------------------------------------------------------------
 
@@ -297,7 +314,10 @@ class SlotHost:
             slots = self._own(client, request.get("slots"))
             reply = op(slots, request)
             reply["r"] = r
-            return codec.encode(reply, name="reply")
+            try:
+                return codec.encode(reply, name="reply")
+            except CodecError as exc:
+                raise _EnvFailure(_unsendable(request, slots, reply, exc)) from exc
         except _EnvFailure as failure:
             self.stats["errors"] += 1
             return codec.encode({"r": r, "error": failure.desc})[0], []
@@ -383,7 +403,7 @@ class SlotHost:
         try:
             for i, (slot, action) in enumerate(zip(slots, actions)):
                 env = slot.env
-                done = False
+                done = moved = False
                 try:
                     if slot.autoreset and mode == _NEXT_STEP:
                         obs_list[i], infos[i] = env.reset()
@@ -394,6 +414,7 @@ class SlotHost:
                                 f"slot {slot.id} ended and was not reset (autoreset mode DISABLED)")
                         obs, rewards[i], term, trunc, info = env.step(action)
                         steps += 1
+                        moved = True  # from here on, this slot has stepped whatever follows
                         terminated[i], truncated[i] = term, trunc
                         done = bool(term) or bool(trunc)
                         if done and mode == _SAME_STEP:
@@ -402,12 +423,22 @@ class SlotHost:
                             resets += 1
                         obs_list[i], infos[i] = obs, info
                 except Exception as exc:
-                    raise _EnvFailure(_env_error(exc, f"step failed in slot {slot.id}", slot.id)) from exc
+                    desc = _env_error(exc, f"step failed in slot {slot.id}", slot.id)
+                    # The slots before this one stepped (or autoreset), and this one if its
+                    # env.step returned: the client's vector is out of step with them.
+                    desc["stepped"] = [s.id for s in slots[:i + 1 if moved else i]]
+                    raise _EnvFailure(desc) from exc
                 slot.autoreset = done
         finally:
             self.stats["steps"] += steps
             self.stats["resets"] += resets
-        reply = {"obs": self._stack(slots, obs_list), "rew": np.array(rewards, dtype=np.float64),
+        try:
+            obs = self._stack(slots, obs_list)
+        except Exception as exc:  # observations that do not fit the space (user code)
+            desc = _env_error(exc, "the observations of the step cannot be stacked into a batch")
+            desc["stepped"] = [s.id for s in slots]
+            raise _EnvFailure(desc) from exc
+        reply = {"obs": obs, "rew": np.array(rewards, dtype=np.float64),
                  "term": np.array(terminated, dtype=np.bool_), "trunc": np.array(truncated, dtype=np.bool_),
                  "infos": infos}
         if final:
@@ -443,13 +474,73 @@ class SlotHost:
         return slot.env.observation_space
 
     def _batched_space(self, slot: _Slot, k: int) -> Any:
-        key = (slot.env_id, id(slot.env.action_space), k)
-        space = self._batched.get(key)
-        if space is None:
-            if len(self._batched) > 256:
-                self._batched.clear()
-            space = self._batched[key] = batch_space(slot.env.action_space, k)
-        return space
+        """``batch_space(slot's action space, k)``, cached on the slot for as long as its env
+        keeps that very space object (identity held, so never confused with a freed one)."""
+        space = slot.env.action_space
+        cached = slot.batched
+        if cached is not None and cached[0] is space and cached[1] == k:
+            return cached[2]
+        batched = batch_space(space, k)
+        slot.batched = (space, k, batched)
+        return batched
+
+    # --- attributes: get_attr, set_attr, call ----------------------------------------------------
+
+    def _get_attr(self, slots: list[_Slot], request: dict) -> dict:
+        """Each slot's ``env.get_wrapper_attr(name)``. A callable attribute is not called: its
+        value is nil and its position is listed in ``callable`` (the client proxies it). With
+        ``probe``: each slot's ``env.has_wrapper_attr(name)`` instead."""
+        name = _attr_name(request, "get_attr")
+        if request.get("probe"):
+            return {"values": [_has_attr(slot, name) for slot in slots]}
+        values: list = []
+        callables: list[int] = []
+        for i, slot in enumerate(slots):
+            value = _lookup(slot, name)
+            if callable(value):
+                callables.append(i)
+                value = None
+            values.append(value)
+        reply = _values_reply(values)
+        if callables:
+            reply["callable"] = callables
+        return reply
+
+    def _call(self, slots: list[_Slot], request: dict) -> dict:
+        """``VectorEnv.call`` per slot: ``env.get_wrapper_attr(name)``, called with ``args`` and
+        ``kwargs`` if callable, else the value itself (as ``SyncVectorEnv.call``)."""
+        name = _attr_name(request, "call")
+        if name in _NOT_CALLABLE_REMOTELY:
+            raise RemoteAttributeError(f"{name!r} cannot be called through 'call' (use the {name} call itself)")
+        args, kwargs = request.get("args") or [], request.get("kwargs") or {}
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) \
+                or not all(isinstance(key, str) for key in kwargs):
+            raise ProtocolError("call 'args' must be a list and 'kwargs' a map with str keys")
+        values = []
+        for slot in slots:
+            value = _lookup(slot, name)
+            if callable(value):
+                try:
+                    value = value(*args, **kwargs)
+                except Exception as exc:  # user code
+                    raise _EnvFailure(_env_error(exc, f"call {name!r} failed in slot {slot.id}", slot.id)) from exc
+            values.append(value)
+        return _values_reply(values)
+
+    def _set_attr(self, slots: list[_Slot], request: dict) -> dict:
+        """``env.set_wrapper_attr(name, value, force=force)`` per slot, one value per slot;
+        replies ``set``: what each returned (whether the attribute was set)."""
+        name = _attr_name(request, "set_attr")
+        values, force = request.get("values"), request.get("force", True)
+        if not isinstance(values, list) or len(values) != len(slots) or not isinstance(force, bool):
+            raise ProtocolError("set_attr needs 'values', a list with one value per slot, and 'force' a bool")
+        done = []
+        for slot, value in zip(slots, values):
+            try:
+                done.append(_set_wrapper_attr(slot.env, name, value, force))
+            except Exception as exc:  # a property setter is user code
+                raise _EnvFailure(_env_error(exc, f"set_attr {name!r} failed in slot {slot.id}", slot.id)) from exc
+        return {"set": done}
 
 
 class _EnvFailure(Exception):
@@ -458,6 +549,73 @@ class _EnvFailure(Exception):
     def __init__(self, desc: dict) -> None:
         super().__init__(desc.get("msg"))
         self.desc = desc
+
+
+# Names ``call`` refuses: the slot host runs these itself (autoreset flags, slot bookkeeping),
+# as AsyncVectorEnv's workers refuse them in ``call``.
+_NOT_CALLABLE_REMOTELY = frozenset({"reset", "step", "close"})
+
+# gymnasium.Env.set_wrapper_attr took no ``force`` before gymnasium 1.1.
+_SET_TAKES_FORCE = "force" in inspect.signature(gymnasium.Env.set_wrapper_attr).parameters
+
+
+def _attr_name(request: dict, op: str) -> str:
+    name = request.get("name")
+    if not isinstance(name, str):
+        raise ProtocolError(f"{op} needs 'name', an attribute name (str)")
+    check_attr_name(name)  # RemoteAttributeError: the wire code "attr"
+    return name
+
+
+def _lookup(slot: _Slot, name: str) -> Any:
+    """``env.get_wrapper_attr(name)``, as gymnasium's vector envs look attributes up."""
+    try:
+        return slot.env.get_wrapper_attr(name)
+    except AttributeError as exc:
+        raise RemoteAttributeError(f"the env in slot {slot.id} has no attribute {name!r} ({exc})") from exc
+    except Exception as exc:  # a property getter is user code
+        raise _EnvFailure(_env_error(exc, f"get_attr {name!r} failed in slot {slot.id}", slot.id)) from exc
+
+
+def _has_attr(slot: _Slot, name: str) -> bool:
+    env = slot.env
+    try:
+        return bool(env.has_wrapper_attr(name) if hasattr(env, "has_wrapper_attr") else hasattr(env, name))
+    except Exception as exc:  # a property getter is user code
+        raise _EnvFailure(_env_error(exc, f"has_attr {name!r} failed in slot {slot.id}", slot.id)) from exc
+
+
+def _set_wrapper_attr(env: Any, name: str, value: Any, force: bool) -> bool:
+    if _SET_TAKES_FORCE:
+        return bool(env.set_wrapper_attr(name, value, force=force))
+    env.set_wrapper_attr(name, value)  # gymnasium 1.0: sets it (returns nothing)
+    return True
+
+
+def _values_reply(values: list) -> dict:
+    """``{"values": values}``; ints beyond 64 bits as decimal strings, their positions in ``big``."""
+    big = [i for i, v in enumerate(values) if type(v) is int and not _INT_MIN <= v < _INT_END]
+    for i in big:
+        values[i] = str(values[i])
+    return {"values": values, "big": big} if big else {"values": values}
+
+
+def _unsendable(request: dict, slots: list[_Slot], reply: dict, exc: CodecError) -> dict:
+    """The error reply for a reply that cannot be encoded: names the attribute of an attribute
+    call, and says which slots stepped (all of them) for a step."""
+    op = request.get("op")
+    if op in ("get_attr", "call"):
+        name = request.get("name")
+        for slot, value in zip(slots, reply.get("values", ())):
+            try:
+                codec.encode(value, name=str(name))
+            except CodecError as inner:
+                return {"code": "codec", "msg": f"the value of env attribute {name!r} in slot {slot.id} "
+                                                f"cannot travel: {inner}"}
+    desc = error_to_wire(exc)
+    if op == "step":
+        desc["stepped"] = [slot.id for slot in slots]
+    return desc
 
 
 def _env_error(exc: BaseException, context: str, slot: int | None = None) -> dict:
