@@ -17,7 +17,7 @@ No sockets here: :func:`pack` is used by both ends to build messages, :func:`unp
 returns ``memoryview`` slices of the received bytes (no payload copy; pyzmq sends big
 ones without copying them again).
 
-This belongs in ``remoterl/protocol.py`` (STYLE.md module map); it sits apart until
+This belongs in ``remoterl/protocol.py`` (the wire in one place); it sits apart until
 that module is free to change.
 """
 

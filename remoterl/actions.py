@@ -1,4 +1,4 @@
-"""Actions checked against an action space, whole and before any work. ◇
+"""Actions checked against an action space, whole and before any work; attribute names that may travel. ◇
 
 Shared by both ends: the trainer (:class:`~remoterl.RemoteEnv`, :class:`~remoterl.RemoteEnvVec`)
 checks before it sends anything, and the worker (``remoterl.workers.runtime``) checks again on
@@ -17,9 +17,14 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from remoterl.errors import InvalidActionError
+from remoterl.errors import InvalidActionError, RemoteAttributeError
 
-__all__ = ["check_action", "check_actions"]
+__all__ = ["MAX_ATTR_NAME", "check_action", "check_actions", "check_attr_name"]
+
+# Characters of an attribute or method name that may travel (get_attr, set_attr, call).
+MAX_ATTR_NAME = 256
+# gymnasium helpers that take a name themselves: past the name check they would reach any name.
+_NAME_TAKERS = frozenset({"get_wrapper_attr", "set_wrapper_attr", "has_wrapper_attr"})
 
 
 # What numpy dtype kinds an action (or each env's part of a batch) may have, per array space:
@@ -188,3 +193,38 @@ def _is_int(value: Any) -> bool:
     if isinstance(value, (int, np.integer)):
         return True
     return isinstance(value, np.ndarray) and value.shape == () and np.issubdtype(value.dtype, np.integer)
+
+
+def check_attr_name(name: Any, *, call: bool = False) -> None:
+    """Refuse an attribute name that may not travel, before anything is sent.
+
+    The client checks; the worker (``remoterl.workers.runtime``) checks again, since a peer
+    may send anything. A name that travels is an identifier of at most ``MAX_ATTR_NAME``
+    characters that does not start with ``_`` (private state, dunders: ``__class__``,
+    ``__init__``) and is not one of gymnasium's helpers that take a name themselves
+    (``get_wrapper_attr``, ``set_wrapper_attr``, ``has_wrapper_attr``), which would reach any
+    name past this check.
+
+    Args:
+        name: the attribute name.
+        call: the name is for ``VectorEnv.call``/``get_attr``: ``reset``, ``step`` and ``close``
+            are refused too, with ``AsyncVectorEnv``'s ``ValueError`` (use them directly).
+
+    Raises:
+        TypeError: ``name`` is not a str (as ``getattr`` raises).
+        RemoteAttributeError: the name may not travel.
+        ValueError: ``call`` and ``name`` is ``reset``, ``step`` or ``close``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"attribute name must be a str, not {type(name).__name__}")
+    if len(name) > MAX_ATTR_NAME or not name.isidentifier():
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        raise RemoteAttributeError(f"{shown!r} is not an attribute name (an identifier of at most "
+                                   f"{MAX_ATTR_NAME} characters)")
+    if name.startswith("_"):
+        raise RemoteAttributeError(f"{name!r} is private: names starting with '_' are not reached on remote envs")
+    if name in _NAME_TAKERS:
+        raise RemoteAttributeError(f"{name!r} takes an attribute name itself and is not called remotely: "
+                                   f"use it on the local object")
+    if call and name in ("reset", "step", "close"):
+        raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")

@@ -6,7 +6,7 @@ Everything an env call sends or returns (actions, observations, rewards, infos,
 space descriptions) travels as one msgpack *header* plus zero or more raw
 *frames*. :func:`encode` packs a value into the header; numpy arrays bigger than
 ``frame_threshold`` bytes are not copied into it but handed back as separate
-buffers, which the caller sends as extra zmq frames with ``copy=False`` (STYLE §6:
+buffers, which the caller sends as extra zmq frames with ``copy=False`` (C-contiguous only:
 payloads pass through). The header refers to such an array by its index in the
 returned list. :func:`decode` is the exact inverse: given the header and the
 frames it rebuilds the value, with the big arrays as zero-copy views onto the
@@ -47,7 +47,7 @@ Rules
   ``cannot send info['stats'][2]: type 'set' is not supported (...)``.
 - Anything a peer may have sent is untrusted: malformed headers, unknown ext
   codes, bad dtypes, wrong lengths and bad frame indices raise
-  :class:`~remoterl.errors.ProtocolError` and nothing else (STYLE §4).
+  :class:`~remoterl.errors.ProtocolError` and nothing else (a peer can never crash us).
 - What a decoded array can cost is bounded by the bytes that carried it: an
   array with data holds at most one element per byte received, and a zero-byte
   one (a zero dimension, or a dtype of size 0) may span at most 65536 elements,
@@ -217,7 +217,7 @@ class _Encoder:
             prefix = _meta_cache.get((obj.dtype, obj.shape)) or _meta_prefix(obj.dtype, obj.shape)
             if obj.nbytes > self.threshold:
                 index = len(self.frames)
-                # STYLE §6: raw bytes of a Fortran-ordered (or strided) array
+                # Raw bytes of a Fortran-ordered (or strided) array
                 # would arrive scrambled, so frames are always C-contiguous.
                 frame = np.ascontiguousarray(obj)
                 if frame.dtype.kind in "Mm":

@@ -23,21 +23,17 @@ from typing import Any
 import gymnasium
 from gymnasium.envs.registration import EnvSpec
 
-from remoterl.actions import check_action
+from remoterl.actions import check_action, check_attr_name
 from remoterl.errors import EnvClosedError, ProtocolError, RemoteAttributeError
 from remoterl.spaces import space_from_wire
 
-__all__ = ["RemoteEnv", "RemoteMethod", "check_action", "check_attr_name", "metadata_from_wire", "spec_from_wire",
+__all__ = ["RemoteEnv", "RemoteMethod", "check_action", "metadata_from_wire", "spec_from_wire",
            "values_from_wire"]
 
 # The longest attribute name that travels: a name is an identifier, never a payload.
-MAX_ATTR_NAME = 256
 
 # gymnasium's helpers that take an attribute name themselves: calling one remotely would reach
 # any name, "_private" ones included, past the check on the name of the call.
-_NAME_TAKERS = frozenset({"get_wrapper_attr", "set_wrapper_attr", "has_wrapper_attr"})
-
-
 class RemoteEnv(gymnasium.Env):
     """An environment that lives on a remote worker.
 
@@ -203,41 +199,6 @@ class RemoteMethod:
 
     def __repr__(self) -> str:
         return f"<RemoteMethod {self.name} of {self._env!r}>"
-
-
-def check_attr_name(name: Any, *, call: bool = False) -> None:
-    """Refuse an attribute name that may not travel, before anything is sent.
-
-    The client checks; the worker (``remoterl.workers.runtime``) checks again, since a peer
-    may send anything. A name that travels is an identifier of at most ``MAX_ATTR_NAME``
-    characters that does not start with ``_`` (private state, dunders: ``__class__``,
-    ``__init__``) and is not one of gymnasium's helpers that take a name themselves
-    (``get_wrapper_attr``, ``set_wrapper_attr``, ``has_wrapper_attr``), which would reach any
-    name past this check.
-
-    Args:
-        name: the attribute name.
-        call: the name is for ``VectorEnv.call``/``get_attr``: ``reset``, ``step`` and ``close``
-            are refused too, with ``AsyncVectorEnv``'s ``ValueError`` (use them directly).
-
-    Raises:
-        TypeError: ``name`` is not a str (as ``getattr`` raises).
-        RemoteAttributeError: the name may not travel.
-        ValueError: ``call`` and ``name`` is ``reset``, ``step`` or ``close``.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"attribute name must be a str, not {type(name).__name__}")
-    if len(name) > MAX_ATTR_NAME or not name.isidentifier():
-        shown = name if len(name) <= 40 else name[:40] + "..."
-        raise RemoteAttributeError(f"{shown!r} is not an attribute name (an identifier of at most "
-                                   f"{MAX_ATTR_NAME} characters)")
-    if name.startswith("_"):
-        raise RemoteAttributeError(f"{name!r} is private: names starting with '_' are not reached on remote envs")
-    if name in _NAME_TAKERS:
-        raise RemoteAttributeError(f"{name!r} takes an attribute name itself and is not called remotely: "
-                                   f"use it on the local object")
-    if call and name in ("reset", "step", "close"):
-        raise ValueError(f"Trying to call function `{name}` with `call`, use `{name}` directly instead.")
 
 
 def values_from_wire(reply: Any, n: int) -> list:

@@ -39,8 +39,8 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space
 
-from remoterl.actions import check_actions
-from remoterl.env import check_attr_name, metadata_from_wire, spec_from_wire, values_from_wire
+from remoterl.actions import check_actions, check_attr_name
+from remoterl.env import metadata_from_wire, spec_from_wire, values_from_wire
 from remoterl.errors import ActionNotBatchedError, InvalidActionError, RemoteRLError, ResetNeededError
 from remoterl.spaces import space_from_wire
 

@@ -3,7 +3,7 @@
 The conformance scenario runs ``SyncVectorEnv`` and ``RemoteEnvVec`` in lock-step
 with the same seeds and actions and asserts, with gymnasium's own
 ``data_equivalence`` (exact), that every reset and step returns the same data,
-for each autoreset mode (STYLE.md §7, "gymnasium, exactly").
+for each autoreset mode ("gymnasium, exactly").
 
 One broker and two workers serve the whole module (starting processes costs about
 a second); every test closes the vectors it opens, so each starts with no slot open.
@@ -82,7 +82,7 @@ def test_conforms_to_sync_vector_env(make_vec, env_id, mode):
         assert remote.metadata["autoreset_mode"] is local.metadata["autoreset_mode"] is mode
         assert remote.metadata == local.metadata
         assert remote.render_mode == local.render_mode
-        assert remote.metadata is not type(remote).metadata  # an instance dict (DESIGN.md)
+        assert remote.metadata is not type(remote).metadata  # an instance dict, not the class-level one
 
         assert_same(remote.reset(seed=42), local.reset(seed=42), "reset(seed=42)")
         actions = local.action_space

@@ -5,7 +5,7 @@ reply is decoded with the codec, exactly as the client would. The centrepiece is
 conformance test: the host, driven step for step beside ``gymnasium.vector.SyncVectorEnv``
 with the same seeds and actions, must give the same observations, rewards, flags and
 (rebuilt with ``VectorEnv._add_info``) the same infos, in all three autoreset modes
-(STYLE §7).
+("gymnasium, exactly").
 """
 
 from __future__ import annotations

@@ -73,8 +73,7 @@ import numpy as np
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
 
 from remoterl import codec
-from remoterl.actions import check_action, check_actions
-from remoterl.env import check_attr_name
+from remoterl.actions import check_action, check_actions, check_attr_name
 from remoterl.errors import (CodecError, InvalidActionError, ProtocolError, RemoteAttributeError, RemoteRLError,
                              UnsupportedSpaceError, error_to_wire)
 from remoterl.spaces import space_to_wire
