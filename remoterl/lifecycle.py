@@ -162,7 +162,9 @@ def shutdown() -> None:
 def get_client(broker: str | None = None) -> Any:
     """This process's connected client for ``broker`` (default: the configured broker).
 
-    One client per process and URL, created on first use (and again in a forked child).
+    One client per process and URL, created on first use, again in a forked child, and
+    again when the previous one lost its broker (it stopped, restarted or went silent): the
+    envs of the lost client keep raising ``BrokerUnavailableError``, new envs get the new one.
 
     Raises:
         BrokerUnavailableError: no broker configured, or none answers.
@@ -177,7 +179,10 @@ def get_client(broker: str | None = None) -> Any:
     key = (os.getpid(), url)
     with _lock:
         client = _clients.get(key)
-        if client is None or client._closed:
+        if client is not None and client.lost is not None and not client.closed:
+            log.info("replacing the client of %s: %s", url, client.lost)
+            client.close()
+        if client is None or client.closed:
             timeout = _settings.timeout if _settings is not None else 60.0
             api_key = _settings.api_key if _settings is not None else os.environ.get("REMOTERL_API_KEY")
             client = connect_client(url, timeout=timeout, api_key=api_key or None)

@@ -171,6 +171,20 @@ class Client:
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="remoterl-client-heartbeat", daemon=True)
         self._hb_thread.start()
 
+    @property
+    def lost(self) -> str | None:
+        """Why this client lost its broker (silent, restarted, stopped), or None while it has it.
+
+        A lost client stays lost: every call raises ``BrokerUnavailableError``. The process's
+        client registry (``remoterl.lifecycle.get_client``) replaces it with a fresh one on the
+        next env, so a new env after a broker restart just works."""
+        return self._lost
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
     def close(self) -> None:
         """Leave: the broker closes every slot this client holds. Idempotent."""
         if self._closed:

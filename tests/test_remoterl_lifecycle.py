@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 import gymnasium
-from conftest import process_group, TEST_ENV, T, free_url, start_broker, start_worker, status, wait_for
+from conftest import process_group, TEST_ENV, T, assert_same, free_url, start_broker, start_worker, status, wait_for
 from gymnasium.envs import registration
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import RecordEpisodeStatistics
@@ -438,3 +438,30 @@ def test_simulator_role_serves_its_registered_env_ids(procs, broker_url):
     sim.signal(signal.SIGTERM)
     assert sim.wait() == 0
     assert "stopped" in sim.output()
+
+
+def test_a_new_env_after_a_broker_restart_just_works(procs, broker_url):
+    """A trainer that lost its broker recovers without shutdown() + init(): the lost client's
+    envs raise BrokerUnavailableError, the next env gets a fresh client."""
+    from remoterl.errors import BrokerUnavailableError
+    from remoterl.lifecycle import get_client
+
+    broker = start_broker(procs, broker_url)
+    start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "4", expect=1)
+    remoterl.init(broker=broker_url)
+    old = gymnasium.make("CartPole-v1")
+    old.reset(seed=0)
+    first = get_client()
+    broker.signal(signal.SIGKILL)
+    broker.wait()
+    start_broker(procs, broker_url)
+    wait_for(lambda: first.lost is not None, what="the client noticed the broker restart")
+    with pytest.raises(BrokerUnavailableError):
+        old.step(0)
+    wait_for(lambda: len(status(broker_url)["workers"]) == 1, what="the worker re-registered")
+    env = gymnasium.make("CartPole-v1")
+    assert get_client() is not first and first.closed
+    local = gymnasium.make("CartPole-v1", disable_env_checker=True)
+    assert_same(env.reset(seed=3), local.reset(seed=3), "reset after the restart")
+    assert_same(env.step(1), local.step(1), "step after the restart")
+    env.close()
