@@ -52,6 +52,7 @@ loop and the CLI.
 from __future__ import annotations
 
 import collections
+import difflib
 import hashlib
 import hmac
 import logging
@@ -236,6 +237,10 @@ class BrokerCore:
         self.slots: dict[int, Slot] = {}
         self.pending_opens: dict[int, PendingOpen] = {}
         self.registrations: dict[tuple[str, str], dict] = {}  # (tenant, env id) -> spec
+        # (tenant, env id) -> the connected clients that registered it: the registration is
+        # forgotten when the last of them leaves, so new workers do not get (and perhaps refuse)
+        # it forever after the trainers that needed it are gone.
+        self.registrants: dict[tuple[str, str], set[bytes]] = {}
         self.tenant_slots: collections.Counter = collections.Counter()
         self._key_hashes: dict[bytes, str] | None = None
         self.set_api_keys(self.config.api_keys)
@@ -716,6 +721,10 @@ class BrokerCore:
         refusals = [f"worker {_name(w.id, w.info)} refused to register it: {w.refused[env]}"
                     for w in self.workers.values() if env in w.refused and w.tenant == tenant]
         why = (" " + "; ".join(refusals) + ".") if refusals else ""
+        close = difflib.get_close_matches(env, served, n=3, cutoff=0.75)
+        if close and not refusals:  # a typo, most likely: say so first
+            return (f"no worker serves env id {env!r}: did you mean {' or '.join(map(repr, close))}? "
+                    f"Workers serve: {listing}.")
         return (f"no worker serves env id {env!r}; workers serve: {listing}.{why} "
                 f"Start one with: remoterl-worker --env {env} --broker URL")
 
@@ -852,6 +861,7 @@ class BrokerCore:
         if key not in self.registrations and len(self.registrations) >= _MAX_REGISTRATIONS:
             raise _Reply(r, "protocol", f"too many registrations (at most {_MAX_REGISTRATIONS})")
         self.registrations[key] = spec
+        self.registrants.setdefault(key, set()).add(sender)
         register_r = self._next_open
         self._next_open += 1
         mine = {w.id for w in self.workers.values() if w.tenant == client.tenant}
@@ -868,23 +878,30 @@ class BrokerCore:
             return
         header = _header(frames, 1, limit=None)
         env, ok, msg, r = header.get("id"), header.get("ok"), header.get("msg"), header.get("r")
-        if not isinstance(env, str) or (worker.tenant, env) not in self.registrations:
-            raise ProtocolError(f"REGISTERED for an env id nobody registered: {env!r}")
+        if not isinstance(env, str):
+            raise ProtocolError(f"REGISTERED for an env id that is not a string: {env!r}")
         name = _name(worker.id, worker.info)
-        if ok is True:
-            worker.refused.pop(env, None)
-            if env not in worker.envs:
-                worker.envs.add(env)
-                self.env_index.setdefault(env, set()).add(worker.id)
-        else:
-            worker.refused[env] = str(msg or "refused")
+        why = str(msg or "refused")[:p.MAX_NAME * 4]
         pending = self.pending_registers.get(r) if isinstance(r, int) else None
+        if (worker.tenant, env) in self.registrations or (pending is not None and pending.env == env):
+            if ok is True:
+                worker.refused.pop(env, None)
+                if env not in worker.envs:
+                    worker.envs.add(env)
+                    self.env_index.setdefault(env, set()).add(worker.id)
+            elif (worker.tenant, env) in self.registrations:
+                worker.refused[env] = why
+            # else: forgotten while this answer was on its way (its trainers left): moot.
+        elif r == 0:  # an answer to a registration sent on READY, forgotten since
+            return
+        else:
+            raise ProtocolError(f"REGISTERED for an env id nobody registered: {env!r}")
         if pending is not None and sender in pending.waiting:
             pending.waiting.discard(sender)
             if ok is True:
                 pending.accepted.append(name)
             else:
-                pending.refused[name] = worker.refused[env]
+                pending.refused[name] = why
             if not pending.waiting:
                 self._finish_register(r, pending)
 
@@ -980,6 +997,21 @@ class BrokerCore:
             if pending.client == client.id:
                 pending.error = {"code": "closed", "msg": "client left"}
         del self.clients[client.id]
+        for key, owners in list(self.registrants.items()):
+            owners.discard(client.id)
+            if not owners:
+                self._forget_registration(key)
+
+    def _forget_registration(self, key: tuple[str, str]) -> None:
+        """No connected client needs registration ``key`` any more: new workers stop getting it
+        and the refusals it caused are no longer reported. Workers that accepted it keep serving
+        the id (its slots stay open) until they restart."""
+        tenant, env = key
+        del self.registrations[key], self.registrants[key]
+        for worker in self.workers.values():
+            if worker.tenant == tenant:
+                worker.refused.pop(env, None)
+        log.info("registration of %r forgotten: the trainers that made it have left", env)
 
     # --- Majordomo ----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from remoterl.errors import BrokerUnavailableError
 
@@ -57,6 +57,15 @@ _settings: Settings | None = None
 _clients: dict[tuple[int, str], Any] = {}
 _lock = threading.RLock()
 _atexit_registered = False
+# Called with each client that replaces a lost one (the broker restarted): the gymnasium
+# integration sends this process's registrations again, as the new broker has none.
+_replacement_hooks: list[Callable[[Any], None]] = []
+
+
+def on_client_replaced(hook: Callable[[Any], None]) -> None:
+    """Call ``hook(client)`` whenever ``get_client`` replaces a client that lost its broker."""
+    if hook not in _replacement_hooks:
+        _replacement_hooks.append(hook)
 
 
 def settings() -> Settings | None:
@@ -179,7 +188,8 @@ def get_client(broker: str | None = None) -> Any:
     key = (os.getpid(), url)
     with _lock:
         client = _clients.get(key)
-        if client is not None and client.lost is not None and not client.closed:
+        replacing = client is not None and client.lost is not None and not client.closed
+        if replacing:
             log.info("replacing the client of %s: %s", url, client.lost)
             client.close()
         if client is None or client.closed:
@@ -187,6 +197,9 @@ def get_client(broker: str | None = None) -> Any:
             api_key = _settings.api_key if _settings is not None else os.environ.get("REMOTERL_API_KEY")
             client = connect_client(url, timeout=timeout, api_key=api_key or None)
             _clients[key] = client
+            if replacing:
+                for hook in list(_replacement_hooks):
+                    hook(client)
         return client
 
 

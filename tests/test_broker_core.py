@@ -311,6 +311,47 @@ class TestRegistration:
         assert refusal[1] == p.worker_frame(W.ERROR) and "version" in header(refusal, 2)["msg"]
 
 
+def register_msg(r, env_id, entry_point="mods.envs:MyEnv") -> list:
+    return [p.client_frame(C.REGISTER), hdr(r=r, spec={"id": env_id, "entry_point": entry_point})]
+
+
+def registered(env_id, r, ok=True, msg=None) -> list:
+    return [p.worker_frame(W.REGISTERED), hdr(id=env_id, r=r, ok=ok, msg=msg)]
+
+
+class TestRegistrationMirroring:
+    """REGISTER reaches the workers, and new workers while a trainer that made it is connected."""
+
+    def test_a_typo_gets_did_you_mean(self, h):
+        h.add_worker(W3, envs=["Pendulum-v1"])
+        error = assert_error(h.send(C1, open_msg(5, 1, env="CartPole-v9")), C1, "no_worker", r=5)
+        assert "did you mean 'CartPole-v1'?" in error["msg"], error
+        error = assert_error(h.send(C1, open_msg(6, 1, env="Humanoid-v5")), C1, "no_worker", r=6)
+        assert "did you mean" not in error["msg"] and "remoterl-worker --env Humanoid-v5" in error["msg"]
+
+    def test_a_registration_is_forgotten_when_its_last_trainer_leaves(self, h):
+        h.add_client(C2)
+        [sent] = [m for m in h.send(C1, register_msg(1, "Mine-v0")) if m[0] == W1]
+        h.send(W1, registered("Mine-v0", header(sent, 2)["r"], ok=False, msg="no module named mods"))
+        h.send(C2, register_msg(1, "Mine-v0"))
+        # A worker arriving now gets the registration (r=0: nobody waits for its answer) ...
+        out = h.send(W3, ready())
+        assert [header(m, 2)["spec"]["id"] for m in to(out, W3, p.worker_frame(W.REGISTER))] == ["Mine-v0"]
+        h.send(C1, [p.client_frame(C.DISCONNECT), hdr()])
+        assert ("", "Mine-v0") in h.core.registrations  # C2 still needs it
+        h.send(C2, [p.client_frame(C.DISCONNECT), hdr()])
+        assert h.core.registrations == {} and h.core.registrants == {}
+        assert "Mine-v0" not in h.core.workers[W1].refused  # no stale refusal in NoWorkerError
+        # ... one arriving after both trainers left does not, and late answers are harmless.
+        assert to(h.send(b"w4", ready()), b"w4", p.worker_frame(W.REGISTER)) == []
+        assert h.send(W3, registered("Mine-v0", 0, ok=False, msg="late")) == []
+        assert h.core.counters["malformed"] == 0
+
+    def test_an_answer_for_an_id_nobody_registered_is_malformed(self, h):
+        assert h.send(W1, registered("Never-v0", 7)) == []
+        assert h.core.counters["malformed"] == 1 and "Never-v0" not in h.core.env_index
+
+
 class TestOpen:
     """OPEN places slots on the least-loaded workers, all or nothing, and explains refusals."""
 

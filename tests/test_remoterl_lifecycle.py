@@ -447,21 +447,30 @@ def test_a_new_env_after_a_broker_restart_just_works(procs, broker_url):
     from remoterl.lifecycle import get_client
 
     broker = start_broker(procs, broker_url)
-    start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "4", expect=1)
+    worker_args = ("--env", "CartPole-v1", "-n", "4", "--procs", "1", "--allow-import", "remoterl_custom_env")
+    worker = start_worker(procs, broker_url, *worker_args, expect=1)
     remoterl.init(broker=broker_url)
+    gymnasium.register(id="Counting-v8", entry_point="remoterl_custom_env:CountingEnv", kwargs={"limit": 2})
     old = gymnasium.make("CartPole-v1")
     old.reset(seed=0)
     first = get_client()
     broker.signal(signal.SIGKILL)
+    worker.stop()  # the new worker knows only what the trainer registers again
     broker.wait()
     start_broker(procs, broker_url)
+    start_worker(procs, broker_url, *worker_args, expect=1)
     wait_for(lambda: first.lost is not None, what="the client noticed the broker restart")
     with pytest.raises(BrokerUnavailableError):
         old.step(0)
-    wait_for(lambda: len(status(broker_url)["workers"]) == 1, what="the worker re-registered")
     env = gymnasium.make("CartPole-v1")
     assert get_client() is not first and first.closed
     local = gymnasium.make("CartPole-v1", disable_env_checker=True)
     assert_same(env.reset(seed=3), local.reset(seed=3), "reset after the restart")
     assert_same(env.step(1), local.step(1), "step after the restart")
     env.close()
+    # The new client registered this process's env ids again with the restarted broker.
+    counting = gymnasium.make("Counting-v8")
+    counting.reset(seed=0)
+    assert counting.step(1)[1:3] == (1.0, False)
+    counting.close()
+    registration.registry.pop("Counting-v8", None)

@@ -33,7 +33,7 @@ import gymnasium
 from gymnasium.envs import registration
 from gymnasium.envs.registration import EnvSpec
 
-from remoterl.errors import NoWorkerError
+from remoterl.errors import NoWorkerError, RemoteRLError
 
 __all__ = ["is_patched", "mirror_registration", "patch", "remote_make", "remote_make_vec", "remote_register",
            "unpatch"]
@@ -66,6 +66,7 @@ def unpatch() -> None:
     gymnasium.make, gymnasium.make_vec = _originals["gym_make"], _originals["gym_make_vec"]
     registration.register, gymnasium.register = _originals["register"], _originals["gym_register"]
     _originals.clear()
+    _mirrored.clear()
 
 
 class _RemoteEntryPoint:
@@ -174,6 +175,7 @@ def remote_register(id: str, entry_point: Any = None, **kwargs: Any) -> None:
     """
     _originals.get("register", registration.register)(id, entry_point, **kwargs)
     _local_only.pop(id, None)
+    _mirrored.pop(id, None)
     if isinstance(entry_point, str):
         mirror_registration(id)
     elif entry_point is not None:
@@ -218,7 +220,7 @@ def mirror_registration(env_id: str, entry_point: str | None = None) -> dict:
     Returns:
         The broker's answer: ``{"id", "accepted": [...], "refused": {worker: reason}}``.
     """
-    from remoterl.lifecycle import get_client
+    from remoterl.lifecycle import get_client, on_client_replaced
 
     spec = registration.registry[env_id]
     wire = {
@@ -227,7 +229,27 @@ def mirror_registration(env_id: str, entry_point: str | None = None) -> dict:
         "max_episode_steps": spec.max_episode_steps, "order_enforce": spec.order_enforce,
         "disable_env_checker": spec.disable_env_checker,
     }
-    answer = get_client().register(wire)
+    on_client_replaced(_register_again)
+    _mirrored[env_id] = wire
+    return _send_registration(get_client(), wire)
+
+
+# Registrations this process sent to the broker, by env id: sent again to a restarted broker.
+_mirrored: dict[str, dict] = {}
+
+
+def _send_registration(client: Any, wire: dict) -> dict:
+    answer = client.register(wire)
     for worker, reason in (answer.get("refused") or {}).items():
-        log.warning("worker %s refused to register %r: %s", worker, env_id, reason)
+        log.warning("worker %s refused to register %r: %s", worker, wire["id"], reason)
     return answer
+
+
+def _register_again(client: Any) -> None:
+    """A new client replaced one that lost its broker: the broker may be a restarted one
+    that knows none of this process's registrations."""
+    for wire in list(_mirrored.values()):
+        try:
+            _send_registration(client, wire)
+        except RemoteRLError as exc:  # the env fails later with its own NoWorkerError
+            log.warning("registering %r again with the broker failed: %s", wire["id"], exc)
