@@ -26,16 +26,17 @@ def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
     import zmq
 
     from remoterl.errors import AuthenticationError, BrokerUnavailableError
-    from remoterl.security import connect_dealer, curve_serverkey_from_env
+    from remoterl.security import connect_dealer, curve_serverkey_from_env, no_answer_hint
     from remoterl.wsgateway import resolve_endpoint
 
     request = [b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])]
     # Watches the tcp handshake too: a key-mode broker refuses a wrong or missing key there.
+    seen: set[str] = set()
     connected = connect_dealer(zmq.Context.instance(), url, resolve_endpoint(url), request, timeout,
-                               api_key=api_key, serverkey=curve_serverkey or curve_serverkey_from_env())
+                               api_key=api_key, serverkey=curve_serverkey or curve_serverkey_from_env(), seen=seen)
     if connected is None:
         raise BrokerUnavailableError(
-            f"no remoterl broker answered at {url} within {timeout:g} s. "
+            f"no remoterl broker answered at {url} within {timeout:g} s: {no_answer_hint(url, seen)}. "
             f"Start one with: remoterl-broker --bind {url}")
     sock = connected[0]
     try:

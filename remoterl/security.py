@@ -149,7 +149,7 @@ def apply_client_security(sock: Any, endpoint: str, serverkey: str | bytes | Non
 def connect_dealer(context: Any, url: str, endpoint: str, first: list, timeout: float, *,
                    api_key: str | None = None, serverkey: str | bytes | None = None,
                    options: tuple[tuple[int, Any], ...] = (),
-                   stop: Callable[[], bool] | None = None) -> tuple[Any, bool] | None:
+                   stop: Callable[[], bool] | None = None, seen: set[str] | None = None) -> tuple[Any, bool] | None:
     """A DEALER connected to the broker at ``url`` that sent ``first`` and has an answer to read.
 
     The one place where trainers, workers and ``remoterl status`` meet the handshake:
@@ -179,6 +179,9 @@ def connect_dealer(context: Any, url: str, endpoint: str, first: list, timeout: 
         api_key, serverkey: credentials (see :func:`apply_client_security`).
         options: ``(option, value)`` pairs set on the socket before connecting.
         stop: polled every 0.1 s; True gives up (returns None).
+        seen: filled with how far the connection got (tcp:// and ipc:// only): "refused"
+            (a connect attempt failed), "connected" (a peer accepted it), "handshake" (the
+            peer speaks ZeroMQ); :func:`no_answer_hint` turns it into advice.
 
     Returns:
         ``(socket, plain)`` with an answer waiting on the socket (``plain``: PLAIN credentials
@@ -200,7 +203,8 @@ def connect_dealer(context: Any, url: str, endpoint: str, first: list, timeout: 
             for option, value in options:
                 sock.setsockopt(option, value)
             plain = apply_client_security(sock, endpoint, serverkey, api_key if use_key else None)
-            outcome = _first_answer(sock, url, endpoint, first, deadline, plain, api_key, serverkey, stop)
+            outcome = _first_answer(sock, url, endpoint, first, deadline, plain, api_key, serverkey, stop,
+                                    seen if seen is not None else set())
         except BaseException:
             sock.close(0)
             raise
@@ -213,6 +217,25 @@ def connect_dealer(context: Any, url: str, endpoint: str, first: list, timeout: 
         log.debug("the broker at %s speaks no PLAIN; connecting without handshake credentials", url)
 
 
+def no_answer_hint(url: str, seen: set[str]) -> str:
+    """What to check when nothing answered at ``url``, from what :func:`connect_dealer` saw."""
+    where = url.split("://", 1)[-1]
+    if "handshake" in seen:
+        return (f"a ZeroMQ peer at {where} took the connection but did not answer as a remoterl broker: is it "
+                f"the broker's --bind address (not a worker's or another service's port), and is the broker "
+                f"overloaded or stopped (`remoterl status --broker {url}`)?")
+    if "connected" in seen:
+        return (f"something at {where} accepted the connection but does not speak ZeroMQ: if it is the "
+                f"broker's WebSocket bridge (--ws), use ws://{where}; else check the port")
+    if "refused" in seen:
+        return (f"nothing accepts connections at {where} (connection refused): is remoterl-broker running "
+                f"there, and is this the port of its --bind (default 5555)?")
+    if url.startswith(("tcp://", "ipc://")):
+        return (f"no connection to {where} could be made: check the host name, the network path and firewalls "
+                f"between here and the broker")
+    return f"is a broker serving {url}?"
+
+
 _MISMATCH = object()
 # Handshakes in a row that the peer cut short before we call it a refusal (libzmq reconnects
 # every 100 ms, so about 0.1 s). A PLAIN server meeting a NULL client (or the reverse) closes
@@ -222,7 +245,8 @@ _CLOSED_IN_HANDSHAKE = 2
 
 
 def _first_answer(sock: Any, url: str, endpoint: str, first: list, deadline: float, plain: bool,
-                  api_key: str | None, serverkey: str | bytes | None, stop: Callable[[], bool] | None) -> Any:
+                  api_key: str | None, serverkey: str | bytes | None, stop: Callable[[], bool] | None,
+                  seen: set[str]) -> Any:
     """Connect, send ``first`` and wait: True (an answer is waiting), None (timeout or stop),
     or _MISMATCH (PLAIN met a broker without it). Raises AuthenticationError."""
     import zmq
@@ -231,7 +255,7 @@ def _first_answer(sock: Any, url: str, endpoint: str, first: list, deadline: flo
     from remoterl.errors import AuthenticationError
 
     events = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
     monitor = sock.get_monitor_socket(events) if has_handshake(endpoint) else None
     try:
         sock.connect(endpoint)
@@ -252,7 +276,12 @@ def _first_answer(sock: Any, url: str, endpoint: str, first: list, deadline: flo
                 continue
             message = recv_monitor_message(monitor)
             event, value = message["event"], message["value"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # from here on only the answer matters
+            if event == zmq.EVENT_CONNECTED:
+                seen.add("connected")
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                seen.add("refused")
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # from here on only the answer matters
+                seen.add("handshake")
                 poller.unregister(monitor)
                 sock.disable_monitor()
                 monitor.close(0)

@@ -43,7 +43,7 @@ from remoterl.errors import (
     WorkerLostError,
 )
 from remoterl.protocol import ClientCommand as C
-from remoterl.security import apply_client_security, connect_dealer, curve_serverkey_from_env
+from remoterl.security import apply_client_security, connect_dealer, curve_serverkey_from_env, no_answer_hint
 from remoterl.wsgateway import resolve_endpoint
 
 __all__ = ["Client", "LocalClient", "Opened", "connect_client"]
@@ -116,6 +116,7 @@ class Client:
             AuthenticationError: the broker refused the API key, at the connection handshake
                 (``remoterl.security.connect_dealer``) or in answer to HELLO.
         """
+        seen: set[str] = set()
         try:
             # ws:// and wss:// go through this process's WebSocket gateway (an inproc endpoint).
             self._endpoint = resolve_endpoint(self.url, context=self._ctx)
@@ -123,7 +124,7 @@ class Client:
             # broker checks the key there): AuthenticationError at once on a refused key.
             connected = connect_dealer(
                 self._ctx, self.url, self._endpoint, self._hello(), self.connect_timeout,
-                api_key=self._api_key, serverkey=self._curve,
+                api_key=self._api_key, serverkey=self._curve, seen=seen,
                 options=((zmq.ROUTING_ID, self.identity), (zmq.SNDHWM, 10_000), (zmq.RCVHWM, 10_000)))
         except (zmq.ZMQError, ValueError) as exc:
             raise BrokerUnavailableError(f"invalid broker URL {self.url!r}: {exc}") from exc
@@ -133,8 +134,8 @@ class Client:
         if connected is None:
             self.close()
             raise BrokerUnavailableError(
-                f"no remoterl broker answered at {self.url} within {self.connect_timeout:g} s. "
-                f"Start one with: remoterl-broker --bind {self.url}  (or call remoterl.init() "
+                f"no remoterl broker answered at {self.url} within {self.connect_timeout:g} s: "
+                f"{no_answer_hint(self.url, seen)}. Start one with: remoterl-broker --bind {self.url}  (or call remoterl.init() "
                 f"without a broker URL to use an embedded one)")
         sock, self._plain = connected
         self._sock = sock

@@ -26,7 +26,7 @@ from remoterl._link import Link, LinkClosed
 from remoterl._process import keep_signals_for_main_thread
 from remoterl._zmqio import recv_frames, send_frames
 from remoterl.errors import AuthenticationError, LimitExceededError, ProtocolError, error_from_wire
-from remoterl.security import apply_client_security, connect_dealer, curve_serverkey_from_env
+from remoterl.security import apply_client_security, connect_dealer, curve_serverkey_from_env, no_answer_hint
 from remoterl.wsgateway import resolve_endpoint
 from remoterl.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
@@ -79,6 +79,9 @@ class WorkerLoop:
         self._curve = curve_serverkey if curve_serverkey is not None else curve_serverkey_from_env()
         self._plain = False  # PLAIN credentials got the main socket through the handshake
         self.error: BaseException | None = None  # why run() gave up (e.g. AuthenticationError)
+        # Attempts without an answer since the broker last answered, and when they began.
+        self._unanswered = 0
+        self._unanswered_since = 0.0
 
     # --- control -------------------------------------------------------------------------------
 
@@ -135,13 +138,15 @@ class WorkerLoop:
             return True
         self.identity = b"W" + os.urandom(15)
         endpoint = resolve_endpoint(self.url, context=self._ctx)  # ws(s):// via the gateway
+        seen: set[str] = set()
         try:
             self._in_poll = True  # SIGTERM leaves the wait at once (stop() raises _Stop)
             # Sends READY and waits for the answer, watching the tcp handshake: a key-mode
             # broker refuses a wrong key there, and we stop as for a refused READY.
             connected = connect_dealer(self._ctx, self.url, endpoint, ready, self.heartbeat * self.liveness,
                                        api_key=self._api_key, serverkey=self._curve,
-                                       options=((zmq.ROUTING_ID, self.identity),), stop=lambda: self._stopping)
+                                       options=((zmq.ROUTING_ID, self.identity),), stop=lambda: self._stopping,
+                                       seen=seen)
         except AuthenticationError as error:
             log.error("worker %s: the broker at %s refused us: %s", self.name, self.url, error)
             self.error = error
@@ -151,7 +156,7 @@ class WorkerLoop:
             self._in_poll = False
         if connected is None:
             if not self._stopping:
-                log.warning("worker %s: no answer from broker %s; sending READY again", self.name, self.url)
+                self._no_answer(no_answer_hint(self.url, seen))
             return False
         self._sock, self._plain = connected
         log.info("worker %s: READY sent to %s", self.name, self.url)
@@ -200,7 +205,19 @@ class WorkerLoop:
             self.identity = you  # the broker's name for us (a WebSocket bridge assigns its own)
         self._last_pong = time.monotonic()
         self.registered.set()
+        self._unanswered = 0
         log.info("worker %s registered with broker %s", self.name, header.get("broker"))
+
+    def _no_answer(self, hint: str) -> None:
+        """READY went unanswered (run() sends it again): say what to check, first at once, then
+        at the 2nd, 4th, 8th... attempt, so a worker waiting for its broker does not flood the log."""
+        if self._unanswered == 0:
+            self._unanswered_since = time.monotonic()
+        self._unanswered += 1
+        if self._unanswered & (self._unanswered - 1) == 0:  # 1, 2, 4, 8, ...
+            waited = time.monotonic() - self._unanswered_since + self.heartbeat * self.liveness
+            log.warning("worker %s: no broker answered at %s for %.0f s (%d attempt%s; still trying): %s",
+                        self.name, self.url, waited, self._unanswered, "" if self._unanswered == 1 else "s", hint)
 
     # --- serving --------------------------------------------------------------------------------------
 
@@ -219,7 +236,7 @@ class WorkerLoop:
                 self._in_poll = False
             if frames is None:
                 if not self.registered.is_set() and time.monotonic() > deadline:
-                    log.warning("worker %s: no answer from broker %s; sending READY again", self.name, self.url)
+                    self._no_answer("the broker took READY but did not welcome us: is it overloaded?")
                     return
                 continue
             if frames[0] == _CALL and len(frames) >= 3:
