@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium
@@ -409,12 +409,47 @@ class RemoteEnvVec(VectorEnv):
             raise ValueError(
                 "Values must be a list or tuple with length equal to the number of environments. "
                 f"Got `{len(values)}` values for {self.num_envs} environments.")
-        self._ensure_idle("set_attr")
         check_attr_name(name)
-        pending = self._send([(worker, slots, {"op": "set_attr", "name": name, "values": list(values[start:stop]),
-                                               "force": True})
-                              for worker, slots, start, stop in self._groups], f"set_attr({name})")
-        self._client.wait(pending, self._timeout)
+        self.request_envs({"op": "set_attr", "name": name, "force": True}, range(self.num_envs), f"set_attr({name})",
+                          per_env={"values": values})
+
+    def request_envs(self, request: dict, envs: Sequence[int], what: str,
+                     per_env: Mapping[str, Sequence] | None = None) -> list[tuple[list[int], dict]]:
+        """Send an attribute call (``get_attr``, ``set_attr``, ``call``, ``is_wrapped``) to the
+        envs ``envs`` only, one message per worker holding any of them, and wait for the replies:
+        the per-env form behind :meth:`set_attr` and SB3's ``RemoteVecEnv``, whose ``indices``
+        pick envs.
+
+        Args:
+            request: the call: its ``op`` and fields (``slots`` and ``r`` are added per worker).
+            envs: distinct env indices, in any order.
+            what: the call, as errors name it.
+            per_env: fields holding one value per entry of ``envs``: each worker gets its envs'.
+
+        Returns:
+            ``(positions in envs, reply)`` per worker: the reply's per-slot values are for the
+            envs at those positions, in that order.
+
+        Raises:
+            ValueError: ``envs`` repeats an env or names one out of range.
+            AlreadyPendingCallError: another call has not been waited for.
+            And the typed errors of the replies (``RemoteAttributeError``, ``RemoteEnvError``...).
+        """
+        envs = list(envs)
+        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
+            raise ValueError(f"envs must be distinct env indices below {self.num_envs}, got {reprlib.repr(envs)}")
+        self._ensure_idle(what)
+        covered, requests = [], []
+        for worker, slots, start, stop in self._groups:
+            positions = [p for p, i in enumerate(envs) if start <= i < stop]
+            if positions:
+                fields = {key: [values[p] for p in positions] for key, values in (per_env or {}).items()}
+                covered.append(positions)
+                requests.append((worker, [slots[envs[p] - start] for p in positions], {**request, **fields}))
+        if not requests:
+            return []
+        replies = self._client.wait(self._send(requests, what), self._timeout)
+        return list(zip(covered, replies))
 
     @property
     def np_random_seed(self) -> tuple[int, ...]:

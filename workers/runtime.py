@@ -12,7 +12,8 @@ object three kinds of request and sends back what it returns:
   one client — ``reset`` or ``step`` — and returns ONE reply: observations stacked
   per slot order, rewards, flags, and per-slot infos. ``get_attr``, ``set_attr`` and
   ``call`` reach the envs' public attributes and methods by name (gymnasium's
-  ``VectorEnv.get_attr``/``set_attr``/``call``, ``Env.get_wrapper_attr``).
+  ``VectorEnv.get_attr``/``set_attr``/``call``, ``Env.get_wrapper_attr``);
+  ``is_wrapped`` answers SB3's ``env_is_wrapped`` with the wrapper class's name.
 * ``close(client, slots)`` closes envs.
 
 Vector semantics (autoreset) live here, so an episode boundary costs no extra round
@@ -131,7 +132,7 @@ class SlotHost:
         self.slots: dict[int, _Slot] = {}
         self.stats = {"steps": 0, "resets": 0, "calls": 0, "errors": 0}
         self._ops = {"step": self._step, "reset": self._reset, "get_attr": self._get_attr,
-                     "set_attr": self._set_attr, "call": self._call}
+                     "set_attr": self._set_attr, "call": self._call, "is_wrapped": self._is_wrapped}
 
     # --- what the broker is told ------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class SlotHost:
                     # The trainer applies gymnasium's wrappers itself (remoterl.init's make):
                     # host the env without them, so none is applied twice.
                     env = env.unwrapped
+                _reset_without_options(env.unwrapped)
                 created.append(_Slot(slot_id, client, env_id, env))
             reply["env"] = codec.encode(_describe(created[0].env), frame_threshold=1 << 62, name="env")[0]
         except Exception as exc:  # env construction is user code: report, never crash
@@ -261,11 +263,14 @@ class SlotHost:
                 _close_env(slot.env)
             reply["error"] = _env_error(exc, f"could not make {env_id!r} with kwargs {kwargs!r}")
             if isinstance(exc, gymnasium.error.UnregisteredEnv):
+                # gymnasium's own words first: they name the close ids ("Did you mean: ...",
+                # "It provides versioned environments: [ v0, v1 ]").
                 reply["error"]["code"] = "no_worker"
+                reply["error"]["msg"] = f"{env_id!r} is not a registered env id: {exc}"
                 if self.env_ids is None:  # serving "*": say how an id becomes served here
                     reply["error"]["msg"] += (
-                        " This worker serves every env id registered in gymnasium in its process: "
-                        "register it in the trainer after remoterl.init() (gymnasium.register(id=..., "
+                        " If it is your own env: this worker serves every env id registered in gymnasium in its "
+                        "process, so register it in the trainer after remoterl.init() (gymnasium.register(id=..., "
                         "entry_point='package.module:Class')), or import its module in the worker.")
             return reply
         for slot in created:
@@ -359,9 +364,12 @@ class SlotHost:
         if not isinstance(seeds, list) or len(seeds) != len(slots):
             raise ProtocolError("reset seeds must be a list with one entry per slot")
         obs_list, infos = [], []
+        # Options only when given, as SB3's DummyVecEnv passes them: an env whose reset takes none
+        # is reset as it would be locally.
+        given = {} if options is None else {"options": options}
         for slot, seed in zip(slots, seeds):
             try:
-                obs, info = slot.env.reset(seed=seed, options=options)
+                obs, info = slot.env.reset(seed=seed, **given)
             except Exception as exc:
                 raise _EnvFailure(_env_error(exc, f"reset failed in slot {slot.id}", slot.id)) from exc
             slot.autoreset = False
@@ -507,17 +515,22 @@ class SlotHost:
 
     def _call(self, slots: list[_Slot], request: dict) -> dict:
         """``VectorEnv.call`` per slot: ``env.get_wrapper_attr(name)``, called with ``args`` and
-        ``kwargs`` if callable, else the value itself (as ``SyncVectorEnv.call``)."""
+        ``kwargs`` if callable, else the value itself (as ``SyncVectorEnv.call``). With ``strict``
+        (SB3's ``env_method``, which calls what it finds) a value that is not callable is the
+        ``TypeError`` calling it raises locally."""
         name = _attr_name(request, "call")
         if name in _NOT_CALLABLE_REMOTELY:
             raise RemoteAttributeError(f"{name!r} cannot be called through 'call' (use the {name} call itself)")
-        args, kwargs = request.get("args") or [], request.get("kwargs") or {}
+        args, kwargs, strict = request.get("args") or [], request.get("kwargs") or {}, request.get("strict", False)
         if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict) \
-                or not all(isinstance(key, str) for key in kwargs):
-            raise ProtocolError("call 'args' must be a list and 'kwargs' a map with str keys")
+                or not all(isinstance(key, str) for key in kwargs) or not isinstance(strict, bool):
+            raise ProtocolError("call 'args' must be a list, 'kwargs' a map with str keys and 'strict' a bool")
         values = []
         for slot in slots:
             value = _lookup(slot, name)
+            if strict and not callable(value):
+                exc = TypeError(f"{type(value).__name__!r} object is not callable")
+                raise _EnvFailure(_env_error(exc, f"call {name!r} failed in slot {slot.id}", slot.id))
             if callable(value):
                 try:
                     value = value(*args, **kwargs)
@@ -528,18 +541,35 @@ class SlotHost:
 
     def _set_attr(self, slots: list[_Slot], request: dict) -> dict:
         """``env.set_wrapper_attr(name, value, force=force)`` per slot, one value per slot;
-        replies ``set``: what each returned (whether the attribute was set)."""
+        replies ``set``: what each returned (whether the attribute was set). With ``outer``:
+        ``setattr(env, name, value)`` on the slot's outermost env object instead, as SB3's
+        ``DummyVecEnv.set_attr`` sets it (the wrapped envs below keep their own value)."""
         name = _attr_name(request, "set_attr")
-        values, force = request.get("values"), request.get("force", True)
-        if not isinstance(values, list) or len(values) != len(slots) or not isinstance(force, bool):
-            raise ProtocolError("set_attr needs 'values', a list with one value per slot, and 'force' a bool")
+        values, force, outer = request.get("values"), request.get("force", True), request.get("outer", False)
+        if not isinstance(values, list) or len(values) != len(slots) or not isinstance(force, bool) \
+                or not isinstance(outer, bool):
+            raise ProtocolError("set_attr needs 'values', a list with one value per slot, and 'force' and "
+                                "'outer' bools")
         done = []
         for slot, value in zip(slots, values):
+            if outer:
+                _setattr(slot, name, value)
+                done.append(True)
+                continue
             try:
                 done.append(_set_wrapper_attr(slot.env, name, value, force))
             except Exception as exc:  # a property setter is user code
                 raise _EnvFailure(_env_error(exc, f"set_attr {name!r} failed in slot {slot.id}", slot.id)) from exc
         return {"set": done}
+
+    def _is_wrapped(self, slots: list[_Slot], request: dict) -> dict:
+        """SB3's ``env_util.is_wrapped`` per slot, by name: whether a wrapper in the slot's env
+        chain (``.env`` down to the innermost env) is an instance of the class ``wrapper`` names,
+        ``"module:QualName"``: a class in the wrapper's MRO has that module and qualified name.
+        The class cannot travel (nothing executable crosses the wire) and the name imports
+        nothing: a class no module here defined wraps no env here."""
+        module, qualname = _wrapper_name(request)
+        return {"values": [_wrapped_by(slot.env, module, qualname) for slot in slots]}
 
 
 class _EnvFailure(Exception):
@@ -566,6 +596,57 @@ def _attr_name(request: dict, op: str) -> str:
     return name
 
 
+# The longest wrapper class name is_wrapped takes ("module:QualName"): a name, never a payload.
+MAX_WRAPPER_NAME = 512
+
+
+def _wrapper_name(request: dict) -> tuple[str, str]:
+    """``(module, qualname)`` of is_wrapped's ``wrapper``; ``ProtocolError`` unless it is
+    ``"dotted.module:Qual.Name"`` (a class defined in a function has ``<locals>`` in its name)."""
+    name = request.get("wrapper")
+    if isinstance(name, str) and len(name) <= MAX_WRAPPER_NAME:
+        module, _, qualname = name.partition(":")
+        if _is_module_name(module) and qualname and \
+                all(part.isidentifier() or part == "<locals>" for part in qualname.split(".")):
+            return module, qualname
+    raise ProtocolError(f"is_wrapped needs 'wrapper', a class name 'module:QualName' of at most "
+                        f"{MAX_WRAPPER_NAME} characters, got {reprlib.repr(name)}")
+
+
+def _wrapped_by(env: Any, module: str, qualname: str) -> bool:
+    """Whether a wrapper of ``env`` is an instance of the class named ``module:qualname``
+    (``stable_baselines3.common.env_util.unwrap_wrapper``'s walk, comparing names)."""
+    while isinstance(env, gymnasium.Wrapper):
+        if any(cls.__module__ == module and cls.__qualname__ == qualname for cls in type(env).__mro__):
+            return True
+        env = env.env
+    return False
+
+
+def _reset_without_options(env: Any) -> None:
+    """Let ``env`` (an innermost env) be reset without options when its ``reset`` takes none.
+
+    gymnasium's wrappers (``OrderEnforcing``, ``PassiveEnvChecker``...) pass ``options=None``
+    down, so such an env made with ``gymnasium.make`` cannot be reset on a worker, while SB3's
+    ``DummyVecEnv`` resets it (without options) locally. Its ``reset`` is replaced, on this
+    instance only, by one that drops ``options`` when it is None; given options still reach it
+    (and fail there, as locally)."""
+    try:
+        params = inspect.signature(env.reset).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: leave it as it is
+        return
+    if any(p.name == "options" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    reset = env.reset
+
+    def reset_without_options(*args: Any, options: Any = None, **kwargs: Any) -> Any:
+        if options is not None:
+            kwargs["options"] = options
+        return reset(*args, **kwargs)
+
+    env.reset = reset_without_options
+
+
 def _lookup(slot: _Slot, name: str) -> Any:
     """``env.get_wrapper_attr(name)``, as gymnasium's vector envs look attributes up."""
     try:
@@ -582,6 +663,17 @@ def _has_attr(slot: _Slot, name: str) -> bool:
         return bool(env.has_wrapper_attr(name) if hasattr(env, "has_wrapper_attr") else hasattr(env, name))
     except Exception as exc:  # a property getter is user code
         raise _EnvFailure(_env_error(exc, f"has_attr {name!r} failed in slot {slot.id}", slot.id)) from exc
+
+
+def _setattr(slot: _Slot, name: str, value: Any) -> None:
+    """``setattr(env, name, value)``: the ``AttributeError`` of a read-only property stays one
+    (``RemoteAttributeError``), as locally; what else a property setter raises is an env error."""
+    try:
+        setattr(slot.env, name, value)
+    except AttributeError as exc:
+        raise RemoteAttributeError(f"{name!r} cannot be set on the env in slot {slot.id}: {exc}") from exc
+    except Exception as exc:  # a property setter is user code
+        raise _EnvFailure(_env_error(exc, f"set_attr {name!r} failed in slot {slot.id}", slot.id)) from exc
 
 
 def _set_wrapper_attr(env: Any, name: str, value: Any, force: bool) -> bool:

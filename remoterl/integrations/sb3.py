@@ -5,7 +5,11 @@ SAME_STEP autoreset mode, which is SB3's contract: a finished env is reset withi
 the step, its last observation goes to ``infos[i]["terminal_observation"]``,
 ``infos[i]["TimeLimit.truncated"]`` says whether time ran out, and ``reset()``
 returns observations only. Each step is ONE message per worker, not one round trip
-per env as in a ``DummyVecEnv`` of remote envs.
+per env as in a ``DummyVecEnv`` of remote envs. ``get_attr``, ``set_attr``, ``env_method``
+and ``env_is_wrapped`` behave as ``DummyVecEnv``'s, ``indices`` included, run on the workers
+(one message per worker holding a picked env); values travel as codec values, and
+``env_is_wrapped`` sends the wrapper class's name, never the class. ``step`` also takes
+``DummyVecEnv``'s list of one action per env (dicts for a Dict space...).
 
 After ``remoterl.init()``, ``make_vec_env(env_id, n_envs)`` returns a ``RemoteVecEnv``
 under ``VecMonitor`` (what the per-env ``Monitor`` would report). With a
@@ -35,13 +39,23 @@ import numpy as np
 from stable_baselines3.common import env_util
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
+
+from remoterl.actions import check_action, check_attr_name
+from remoterl.env import values_from_wire
+from remoterl.errors import InvalidActionError, ProtocolError
 
 __all__ = ["RemoteEnvFn", "RemoteVecEnv", "patch", "remote_make_vec_env", "unpatch"]
 
 log = logging.getLogger(__name__)
 
-# Attributes every env of a RemoteVecEnv shares, answered from the cached description.
-_LOCAL_ATTRS = ("observation_space", "action_space", "metadata", "render_mode", "spec")
+# Env attributes get_attr answers from the description the workers sent when the slots opened:
+# the spaces and the spec cannot travel as values, and SB3's VecEnv.__init__ asks for render_mode
+# (for this vec env and for each VecEnvWrapper around it), where a round trip would cost.
+_LOCAL_ATTRS = ("observation_space", "action_space", "spec", "render_mode")
+
+_ARRAY_SPACES = (gymnasium.spaces.Box, gymnasium.spaces.Discrete, gymnasium.spaces.MultiDiscrete,
+                 gymnasium.spaces.MultiBinary)
 
 
 class RemoteVecEnv(VecEnv):
@@ -65,11 +79,13 @@ class RemoteVecEnv(VecEnv):
         self.venv = RemoteEnvVec(env_id, n_envs, autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP,
                                  broker=broker, client=client, max_workers=max_workers, timeout=timeout,
                                  **(env_kwargs or {}))
+        # (attribute of _LOCAL_ATTRS, env index) -> the value set_attr set there since (an env
+        # hosted without wrappers takes a render_mode; what cannot travel is never set).
+        self._set_since: dict[tuple[str, int], Any] = {}
         super().__init__(n_envs, self.venv.single_observation_space, self.venv.single_action_space)
         self.render_mode = self.venv.render_mode
         self.metadata = self.venv.metadata
         self.env_id = env_id
-        self._actions: Any = None
 
     def reset(self) -> Any:
         """Reset every env with the seeds/options set by ``seed()``/``set_options()`` (used once)."""
@@ -84,10 +100,18 @@ class RemoteVecEnv(VecEnv):
         self._reset_options()
         return obs
 
-    def step_async(self, actions: np.ndarray) -> None:
-        """Send the actions: the formats SB3's algorithms give (``(n,)`` integers for Discrete,
-        ``(n, *shape)`` arrays otherwise) pass ``RemoteEnvVec``'s checks, which refuse anything
-        else with ``InvalidActionError`` before sending (and which the workers run again)."""
+    def step_async(self, actions: Any) -> None:
+        """Send the actions: the arrays SB3's algorithms give (``(n,)`` integers for Discrete,
+        ``(n, *shape)`` otherwise) go as they are; a list of one action per env, which
+        ``DummyVecEnv`` takes (``actions[i]`` for env ``i``: dicts for a Dict space, tuples for a
+        Tuple space...), is batched first. ``RemoteEnvVec``'s checks refuse anything else with
+        ``InvalidActionError`` before sending (and the workers run them again).
+
+        A tuple is one action per env too, except for a Tuple action space, where it is
+        gymnasium's batch (a tuple of batches, one per subspace) as before.
+        """
+        if isinstance(actions, (list, tuple)):
+            actions = _batch(self.action_space, actions, self.num_envs)
         self.venv.step_async(actions)
 
     def step_wait(self) -> tuple[Any, np.ndarray, np.ndarray, list[dict]]:
@@ -118,27 +142,111 @@ class RemoteVecEnv(VecEnv):
         self._seeds = [seed + idx for idx in range(self.num_envs)]
         return self._seeds
 
-    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
-        """Spaces, metadata, render mode and spec are known here; other attributes live on the
-        workers and are not fetched (nothing but data crosses the wire)."""
-        if attr_name not in _LOCAL_ATTRS:
-            raise AttributeError(
-                f"RemoteVecEnv.get_attr({attr_name!r}): remote env attributes cannot be read; "
-                f"available: {', '.join(_LOCAL_ATTRS)}")
-        value = getattr(self.venv, "single_" + attr_name, None) if attr_name.endswith("_space") else \
-            getattr(self.venv, attr_name)
-        return [value for _ in self._get_indices(indices)]
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        """``env.get_wrapper_attr(attr_name)`` of each env ``indices`` picks, as ``DummyVecEnv``:
+        read on the workers (one message per worker), and a method comes back as a callable that
+        runs it there. The spaces and the spec, which cannot travel as values, and the render
+        mode are answered from what the workers described when the slots opened (or what
+        :meth:`set_attr` set since).
 
-    def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
-        raise AttributeError(f"RemoteVecEnv.set_attr({attr_name!r}): remote env attributes cannot be set")
+        Raises:
+            RemoteAttributeError: an env has no such attribute, or the name may not travel
+                (starts with ``_``...): an ``AttributeError``, as ``DummyVecEnv`` raises.
+            CodecError: the value cannot travel (``np_random``...).
+            IndexError: an index out of range.
+        """
+        envs = self._target_envs(indices)
+        if attr_name in _LOCAL_ATTRS:
+            value = getattr(self.venv, "single_" + attr_name if attr_name.endswith("_space") else attr_name)
+            return [self._set_since.get((attr_name, i), value) for i in envs]
+        check_attr_name(attr_name)
+        values = self._per_env(envs, {"op": "get_attr", "name": attr_name}, f"get_attr({attr_name})", _attr_values)
+        return [_EnvMethod(self, attr_name, i) if value is _CALLABLE else value for i, value in zip(envs, values)]
 
-    def env_method(self, method_name: str, *method_args: Any, indices: Any = None, **method_kwargs: Any) -> list[Any]:
-        raise AttributeError(
-            f"RemoteVecEnv.env_method({method_name!r}): calling arbitrary methods on remote envs is not "
-            f"supported (only reset and step cross the wire)")
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        """``setattr(env, attr_name, value)`` on each env ``indices`` picks, on its worker, as
+        ``DummyVecEnv``: on the env object the worker hosts (its outermost wrapper); an attribute
+        it lacks is created there. ``value`` must travel (codec values: numbers, strings, lists,
+        dicts, numpy arrays...).
 
-    def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
-        return [False for _ in self._get_indices(indices)]
+        Raises:
+            RemoteAttributeError: the name may not travel, or is a read-only property.
+            CodecError: ``value`` cannot travel.
+        """
+        envs = self._target_envs(indices)
+        check_attr_name(attr_name)
+        self._per_env(envs, {"op": "set_attr", "name": attr_name, "outer": True}, f"set_attr({attr_name})",
+                      lambda reply, k: [None] * k, same={"values": value})
+        if attr_name in _LOCAL_ATTRS:
+            self._set_since.update(((attr_name, i), value) for i in envs)
+
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
+                   **method_kwargs: Any) -> list[Any]:
+        """``env.get_wrapper_attr(method_name)(*method_args, **method_kwargs)`` on each env
+        ``indices`` picks, run on its worker, as ``DummyVecEnv``; the arguments and results must
+        travel. ``reset``, ``step`` and ``close`` are refused: the workers keep the slots'
+        bookkeeping (use the vec env's own).
+
+        Raises:
+            RemoteAttributeError: an env has no such attribute, or the name may not travel.
+            RemoteEnvError: the method raised on its worker, or the attribute is not callable
+                (``remote_type`` ``TypeError``).
+            ValueError: ``reset``, ``step`` or ``close``.
+            CodecError: an argument or a result cannot travel.
+        """
+        envs = self._target_envs(indices)
+        check_attr_name(method_name, call=True)
+        request = {"op": "call", "name": method_name, "args": list(method_args), "kwargs": method_kwargs,
+                   "strict": True}
+        return self._per_env(envs, request, f"env_method({method_name})", values_from_wire)
+
+    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
+        """Whether each env ``indices`` picks is wrapped, on its worker, by ``wrapper_class``
+        (SB3's ``env_util.is_wrapped``). The class cannot travel: the worker compares its name,
+        ``"module:QualName"``, with the classes of each wrapper's MRO.
+
+        Raises:
+            TypeError: ``wrapper_class`` is not a class.
+            ProtocolError: the worker refused the class's name (not ``module:QualName``).
+        """
+        if not isinstance(wrapper_class, type):
+            raise TypeError(f"env_is_wrapped takes a wrapper class, got {type(wrapper_class).__name__}")
+        envs = self._target_envs(indices)
+        name = f"{wrapper_class.__module__}:{wrapper_class.__qualname__}"
+        return self._per_env(envs, {"op": "is_wrapped", "wrapper": name}, "env_is_wrapped", _flags)
+
+    def _target_envs(self, indices: VecEnvIndices) -> list[int]:
+        """The env indices ``indices`` picks, read as ``DummyVecEnv`` reads ``self.envs[i]``:
+        a negative one counts from the end, one out of range is an ``IndexError``."""
+        envs = range(self.num_envs)
+        return [envs[i] for i in self._get_indices(indices)]
+
+    def _per_env(self, envs: list[int], request: dict, what: str, read: Callable[[dict, int], list],
+                 same: dict[str, Any] | None = None) -> list[Any]:
+        """``request`` sent to the envs ``envs`` (one message per worker); one value per entry.
+
+        ``read(reply, k)`` gives the values of a reply for its ``k`` envs; ``same`` holds fields
+        with one value for every env (the worker takes one per slot). A call names each slot
+        once, so an env that ``envs`` repeats is asked again in a further round: ``DummyVecEnv``
+        runs a method once per mention.
+        """
+        out: list[Any] = [None] * len(envs)
+        todo = list(range(len(envs)))
+        while todo:
+            first: dict[int, int] = {}  # env -> its position in envs, for this round
+            later = []
+            for pos in todo:
+                if envs[pos] in first:
+                    later.append(pos)
+                else:
+                    first[envs[pos]] = pos
+            positions = list(first.values())
+            per_env = {key: [value] * len(first) for key, value in (same or {}).items()}
+            for covered, reply in self.venv.request_envs(request, list(first), what, per_env=per_env):
+                for p, value in zip(covered, read(reply, len(covered))):
+                    out[positions[p]] = value
+            todo = later
+        return out
 
     def get_images(self) -> list[Any]:
         raise NotImplementedError("RemoteVecEnv: frame streaming from remote workers is not available yet")
@@ -150,6 +258,69 @@ class RemoteVecEnv(VecEnv):
     def workers(self) -> list[bytes]:
         """Routing ids of the workers holding the slots."""
         return self.venv.workers
+
+
+def _batch(space: gymnasium.spaces.Space, actions: list | tuple, n: int) -> Any:
+    """One action per env (``DummyVecEnv``'s form) as the batch ``RemoteEnvVec`` sends; each is
+    checked against the space first, so a bad one is named by its env (``actions[2]['arm']``)."""
+    if isinstance(space, gymnasium.spaces.Tuple) and isinstance(actions, tuple):
+        return actions  # gymnasium's batch of a Tuple space
+    if len(actions) != n:
+        raise InvalidActionError(f"step() takes {n} actions, one per env, got {len(actions)}")
+    for i, action in enumerate(actions):
+        check_action(space, action, f"actions[{i}]")
+    return _stack(space, actions)
+
+
+def _stack(space: gymnasium.spaces.Space, items: list | tuple) -> Any:
+    """Checked single actions stacked along a new env axis, values as given (no cast to the
+    space's dtype: each env gets what ``DummyVecEnv`` would give it)."""
+    if isinstance(space, gymnasium.spaces.Dict):
+        return {key: _stack(sub, [item[key] for item in items]) for key, sub in space.spaces.items()}
+    if isinstance(space, gymnasium.spaces.Tuple):
+        return tuple(_stack(sub, [item[k] for item in items]) for k, sub in enumerate(space.spaces))
+    if isinstance(space, _ARRAY_SPACES):
+        return np.asarray(items)
+    return list(items)  # Text: the batch is a sequence of single actions
+
+
+class _EnvMethod:
+    """A method of env ``index`` of a :class:`RemoteVecEnv`, as ``DummyVecEnv.get_attr`` gives a
+    bound method: calling it runs the method on the env's worker (:meth:`RemoteVecEnv.env_method`)."""
+
+    __slots__ = ("index", "name", "venv")
+
+    def __init__(self, venv: RemoteVecEnv, name: str, index: int) -> None:
+        self.venv, self.name, self.index = venv, name, index
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.venv.env_method(self.name, *args, indices=[self.index], **kwargs)[0]
+
+    def __repr__(self) -> str:
+        return f"<remote method {self.name} of env {self.index} of {self.venv.venv!r}>"
+
+
+# A callable attribute in a get_attr reply (its value does not travel): proxied by an _EnvMethod.
+_CALLABLE = object()
+
+
+def _attr_values(reply: dict, k: int) -> list:
+    """The values of a get_attr reply for ``k`` envs, ``_CALLABLE`` where the attribute is callable."""
+    values = values_from_wire(reply, k)
+    marked = reply.get("callable") or []
+    if not isinstance(marked, list) or not all(isinstance(j, int) and 0 <= j < k for j in marked):
+        raise ProtocolError("a get_attr reply's 'callable' must list positions in its values")
+    for j in marked:
+        values[j] = _CALLABLE
+    return values
+
+
+def _flags(reply: dict, k: int) -> list[bool]:
+    """The bools of an is_wrapped reply for ``k`` envs."""
+    values = values_from_wire(reply, k)
+    if not all(isinstance(v, bool) for v in values):
+        raise ProtocolError("an is_wrapped reply needs 'values', one bool per slot")
+    return values
 
 
 class RemoteEnvFn:
