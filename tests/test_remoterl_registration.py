@@ -116,3 +116,16 @@ def test_an_env_class_in_main_says_how_to_reach_the_workers(procs, broker_url, t
     assert out.returncode == 0, out.stderr
     assert "NoWorkerError:" in out.stdout
     assert "__main__ (train.py)" in out.stdout and "--import" in out.stdout
+
+
+def test_a_typo_names_the_registered_ids(procs, broker_url, trainer):
+    """Against a broker whose workers list their ids, the broker suggests; against a worker
+    serving every registered id ("*"), gymnasium's own suggestion leads the error."""
+    start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "1", "--procs", "1", expect=1)
+    with pytest.raises(remoterl.NoWorkerError, match=r"did you mean 'CartPole-v1'\?"):
+        gymnasium.make("CartPole-v9")
+    start_worker(procs, broker_url, "-n", "1", "--procs", "1", expect=2)
+    with pytest.raises(remoterl.NoWorkerError) as info:
+        gymnasium.make("CartPol-v1")
+    message = str(info.value)
+    assert message.startswith("'CartPol-v1' is not a registered env id") and "Did you mean: `CartPole`?" in message
