@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 import remoterl
-from remoterl.cli import fetch_status
+from remoterl.client.status import fetch_status
 
 
 def main() -> None:

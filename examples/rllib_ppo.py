@@ -18,7 +18,7 @@ import ray
 from ray.rllib.algorithms.ppo import PPOConfig
 
 import remoterl
-from remoterl.cli import fetch_status
+from remoterl.client.status import fetch_status
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--env", default="CartPole-v1")

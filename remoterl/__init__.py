@@ -34,7 +34,7 @@ _LAZY: dict[str, str] = {
     "UnsupportedSpaceError": "remoterl.errors",
     "WorkerLostError": "remoterl.errors",
     # client and proxies
-    "Client": "remoterl.transport",
+    "Client": "remoterl.client.connection",
     "RemoteEnv": "remoterl.env",
     "RemoteEnvVec": "remoterl.vector",
     # lifecycle

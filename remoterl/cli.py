@@ -7,46 +7,9 @@ import os
 
 import click
 
+from remoterl.client.status import fetch_status
+
 __all__ = ["fetch_status", "main"]
-
-
-def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
-                 curve_serverkey: str | None = None) -> dict:
-    """Ask the broker's ``remoterl.status`` service (an MDP/0.2 request) for a snapshot.
-
-    Args:
-        api_key: required by a broker with API keys; the answer covers that key's tenant.
-        curve_serverkey: the broker's CURVE public key, if it uses CURVE.
-
-    Raises:
-        BrokerUnavailableError: no answer within ``timeout``.
-        AuthenticationError: the broker wants a (different) key (refused at the connection
-            handshake by a key-mode broker over tcp/ipc, or in the status reply).
-    """
-    import zmq
-
-    from remoterl.errors import AuthenticationError, BrokerUnavailableError
-    from remoterl.security import connect_dealer, curve_serverkey_from_env, no_answer_hint
-    from remoterl.wsgateway import resolve_endpoint
-
-    request = [b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])]
-    # Watches the tcp handshake too: a key-mode broker refuses a wrong or missing key there.
-    seen: set[str] = set()
-    connected = connect_dealer(zmq.Context.instance(), url, resolve_endpoint(url), request, timeout,
-                               api_key=api_key, serverkey=curve_serverkey or curve_serverkey_from_env(), seen=seen)
-    if connected is None:
-        raise BrokerUnavailableError(
-            f"no remoterl broker answered at {url} within {timeout:g} s: {no_answer_hint(url, seen)}. "
-            f"Start one with: remoterl-broker --bind {url}")
-    sock = connected[0]
-    try:
-        frames = sock.recv_multipart()
-    finally:
-        sock.close()
-    snap = json.loads(frames[-1])
-    if snap.get("error") == "auth":
-        raise AuthenticationError(snap.get("msg", "the broker refused the API key"))
-    return snap
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -126,7 +89,7 @@ def keygen(directory: str) -> None:
       remoterl-broker --bind tcp://0.0.0.0:5555 --api-keys keys.txt --curve-secret DIR/broker.key_secret
       REMOTERL_CURVE_SERVERKEY=DIR/broker.key remoterl-worker --broker tcp://HOST:5555 ...
     """
-    from remoterl.security import keygen as make_keys
+    from remoterl.io.security import keygen as make_keys
 
     public, secret = make_keys(directory)
     click.echo(f"public key (give it to trainers and workers): {public}")

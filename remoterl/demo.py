@@ -38,7 +38,7 @@ def run_demo(*, broker: str | None = None, env_id: str = "CartPole-v1", timestep
     from tqdm import tqdm
 
     import remoterl
-    from remoterl.cli import fetch_status
+    from remoterl.client.status import fetch_status
 
     torch.set_num_threads(1)  # a tiny MLP: threads only add contention on a small machine
     settings = remoterl.init(broker=broker, num_workers=num_workers)

@@ -8,9 +8,9 @@ stops them in order at shutdown.
 
 The broker runs in a thread of the trainer by default, and takes the shortest path
 it can: the trainer's client is an in-process peer that runs the broker's loop in its
-own thread while it waits (``remoterl.transport.LocalClient``), and each worker
+own thread while it waits (``remoterl.client.connection.LocalClient``), and each worker
 process talks to the broker over a local link, one end of a ``socket.socketpair()``
-(``remoterl._link``), so a step wakes only the worker and then the trainer, where
+(``remoterl.io.link``), so a step wakes only the worker and then the trainer, where
 zmq would also wake the I/O threads of both. Other processes (SB3's
 ``SubprocVecEnv`` children, ``remoterl status``) reach the same broker over tcp on
 127.0.0.1, and the workers send their heartbeats that way.
@@ -64,7 +64,7 @@ class Embedded:
         self._workers: list[subprocess.Popen] = []
 
     def _child(self, *args: str, **popen: Any) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "remoterl._embedded_child", args[0], str(os.getpid()),
+        cmd = [sys.executable, "-m", "remoterl.embedded_child", args[0], str(os.getpid()),
                repr(self.heartbeat), str(self.liveness), *args[1:]]
         # The trainer's import path, so the workers import what the trainer can (its own env modules).
         path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
@@ -111,7 +111,7 @@ class Embedded:
 
     def _wait_for_workers(self, timeout: float = 60.0) -> None:
         """Return once every worker has registered with the broker (bounded)."""
-        from remoterl.cli import fetch_status
+        from remoterl.client.status import fetch_status
 
         deadline = time.monotonic() + timeout
         while True:

@@ -23,9 +23,10 @@ from typing import Any
 import gymnasium
 from gymnasium.envs.registration import EnvSpec
 
-from remoterl.actions import check_action, check_attr_name
+from remoterl.wire.actions import check_action, check_attr_name
+from remoterl.client.registry import get_client
 from remoterl.errors import EnvClosedError, ProtocolError, RemoteAttributeError
-from remoterl.spaces import space_from_wire
+from remoterl.wire.spaces import space_from_wire
 
 __all__ = ["RemoteEnv", "RemoteMethod", "check_action", "metadata_from_wire", "spec_from_wire",
            "values_from_wire"]
@@ -54,8 +55,6 @@ class RemoteEnv(gymnasium.Env):
 
     def __init__(self, env_id: str, *, broker: str | None = None, client: Any = None,
                  timeout: float | None = None, _bare: bool = False, **kwargs: Any) -> None:
-        from remoterl.lifecycle import get_client
-
         self._client = client if client is not None else get_client(broker)
         self._timeout = timeout
         opts = {"bare": True} if _bare else None

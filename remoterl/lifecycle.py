@@ -25,52 +25,18 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from remoterl.errors import BrokerUnavailableError
+from remoterl.client.registry import Settings, close_clients, configure, get_client, settings
+from remoterl.io.wsgateway import close_gateways
 
 __all__ = ["Settings", "get_client", "init", "patch_loaded", "settings", "shutdown"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Settings:
-    """What ``remoterl.init`` configured for this process."""
-
-    role: str
-    broker: str
-    api_key: str | None = None
-    timeout: float = 60.0
-    embedded: Any = None
-    patched: bool = False
-    # How other processes (SubprocVecEnv children, Ray actors) reach the broker: the
-    # embedded broker's tcp address where this process itself uses inproc.
-    children_broker: str = ""
-
-    def __post_init__(self) -> None:
-        self.children_broker = self.children_broker or self.broker
-
-
-_settings: Settings | None = None
-_clients: dict[tuple[int, str], Any] = {}
 _lock = threading.RLock()
 _atexit_registered = False
-# Called with each client that replaces a lost one (the broker restarted): the gymnasium
-# integration sends this process's registrations again, as the new broker has none.
-_replacement_hooks: list[Callable[[Any], None]] = []
-
-
-def on_client_replaced(hook: Callable[[Any], None]) -> None:
-    """Call ``hook(client)`` whenever ``get_client`` replaces a client that lost its broker."""
-    if hook not in _replacement_hooks:
-        _replacement_hooks.append(hook)
-
-
-def settings() -> Settings | None:
-    """The current settings, or None before ``init``."""
-    return _settings
 
 
 def init(api_key: str | None = None, role: str = "trainer", *, broker: str | None = None,
@@ -102,7 +68,7 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
             call asking for another broker or key.
         BrokerUnavailableError: no broker answers at the URL.
     """
-    global _settings, _atexit_registered
+    global _atexit_registered
     if role not in ("trainer", "simulator"):
         raise ValueError(f"role must be 'trainer' or 'simulator', got {role!r}")
     explicit_key = api_key
@@ -114,9 +80,10 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
         _run_simulator(url, slots_per_worker, heartbeat, liveness)
         return None
     with _lock:
-        if _settings is not None:
-            _check_same(_settings, broker, explicit_key)
-            return _settings  # init twice with nothing new: harmless, the settings stay
+        current = settings()
+        if current is not None:
+            _check_same(current, broker, explicit_key)
+            return current  # init twice with nothing new: harmless, the settings stay
         embedded = None
         children_url = url
         if url is None:
@@ -126,7 +93,8 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
                                 imports=_registering_modules())
             children_url = embedded.start()
             url = embedded.local_url or children_url
-        _settings = Settings(role, url, api_key, timeout, embedded, children_broker=children_url or "")
+        current = Settings(role, url, api_key, timeout, embedded, children_broker=children_url or "")
+        configure(current)
         if not _atexit_registered:
             atexit.register(shutdown)
             _atexit_registered = True
@@ -139,68 +107,24 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
             from remoterl.integrations import gymnasium as gym_patch
 
             gym_patch.patch()
+            current.patched = True
             _patch_frameworks_when_imported()
-            _settings.patched = True
-        return _settings
+        return current
 
 
 def shutdown() -> None:
     """Undo ``init``: restore gymnasium, close clients, stop embedded processes. Idempotent."""
-    global _settings
     with _lock:
-        current, _settings = _settings, None
+        current = configure(None)
         if current is not None and current.patched:
             from remoterl.integrations import gymnasium as gym_patch
 
             gym_patch.unpatch()
             _unpatch_frameworks()
-        pid = os.getpid()
-        for key in [k for k in _clients if k[0] == pid]:
-            client = _clients.pop(key)
-            try:
-                client.close()
-            except Exception:  # shutting down: keep going
-                log.exception("closing a client failed")
-        _clients.clear()
-        if "remoterl.wsgateway" in sys.modules:
-            sys.modules["remoterl.wsgateway"].close_gateways()
+        close_clients()
+        close_gateways()
         if current is not None and current.embedded is not None:
             current.embedded.stop()
-
-
-def get_client(broker: str | None = None) -> Any:
-    """This process's connected client for ``broker`` (default: the configured broker).
-
-    One client per process and URL, created on first use, again in a forked child, and
-    again when the previous one lost its broker (it stopped, restarted or went silent): the
-    envs of the lost client keep raising ``BrokerUnavailableError``, new envs get the new one.
-
-    Raises:
-        BrokerUnavailableError: no broker configured, or none answers.
-    """
-    from remoterl.transport import connect_client
-
-    url = broker or (_settings.broker if _settings is not None else None) or os.environ.get("REMOTERL_BROKER")
-    if not url:
-        raise BrokerUnavailableError(
-            "no broker configured: call remoterl.init() (it starts an embedded broker when no URL is set), "
-            "pass broker='tcp://HOST:5555', or set REMOTERL_BROKER")
-    key = (os.getpid(), url)
-    with _lock:
-        client = _clients.get(key)
-        replacing = client is not None and client.lost is not None and not client.closed
-        if replacing:
-            log.info("replacing the client of %s: %s", url, client.lost)
-            client.close()
-        if client is None or client.closed:
-            timeout = _settings.timeout if _settings is not None else 60.0
-            api_key = _settings.api_key if _settings is not None else os.environ.get("REMOTERL_API_KEY")
-            client = connect_client(url, timeout=timeout, api_key=api_key or None)
-            _clients[key] = client
-            if replacing:
-                for hook in list(_replacement_hooks):
-                    hook(client)
-        return client
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -224,8 +148,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 def exec_module(module: Any) -> None:
                     loader_exec(module)
                     _remove_hook(self.integration)
-                    integration = sys.modules.get(self.integration)
-                    if integration is not None and not hasattr(integration, "patch"):
+                    # When the integration itself is importing the framework, this returns it
+                    # half loaded (the import in progress in this thread).
+                    integration = importlib.import_module(self.integration)
+                    if not hasattr(integration, "patch"):
                         # The integration is importing the framework itself (``import
                         # remoterl.sb3`` after init()): it is only half loaded here, and
                         # remoterl.sb3 / remoterl.rllib call patch_loaded() once it is whole.
@@ -244,12 +170,20 @@ _HOOKED = {
     "remoterl.integrations.rllib": ("ray.rllib", "ray"),
 }
 _hooks: dict[str, _AfterImport] = {}
+_patched: set[str] = set()  # integrations whose framework is patched
+
+
+def _imported(module: str) -> bool:
+    """Whether ``module`` is already imported here, without importing it: a framework is
+    patched at once when it is (importing SB3 or Ray ourselves would cost seconds), and the
+    embedded workers import only env modules the trainer has imported."""
+    return module in sys.modules
 
 
 def _patch_frameworks_when_imported() -> None:
     for integration, (target, top) in _HOOKED.items():
-        if target in sys.modules:
-            importlib.import_module(integration).patch()
+        if _imported(target):
+            patch_loaded(integration)
         elif integration not in _hooks and importlib.util.find_spec(top) is not None:
             _hooks[integration] = _AfterImport(target, integration)
             sys.meta_path.insert(0, _hooks[integration])
@@ -270,8 +204,10 @@ def _check_same(current: Settings, broker: str | None, api_key: str | None) -> N
 def patch_loaded(integration: str) -> None:
     """Patch a framework through its integration module (``remoterl.integrations.sb3``, ...)
     if ``init()`` asked for patches; a no-op otherwise, and when already patched."""
-    if _settings is not None and _settings.patched:
+    current = settings()
+    if current is not None and current.patched:
         importlib.import_module(integration).patch()
+        _patched.add(integration)
 
 
 def _remove_hook(integration: str) -> None:
@@ -286,8 +222,9 @@ def _remove_hook(integration: str) -> None:
 def _unpatch_frameworks() -> None:
     for integration in _HOOKED:
         _remove_hook(integration)
-        if integration in sys.modules:
-            sys.modules[integration].unpatch()
+        if integration in _patched:
+            importlib.import_module(integration).unpatch()
+            _patched.discard(integration)
 
 
 def _registering_modules() -> list[str]:
@@ -303,7 +240,7 @@ def _registering_modules() -> list[str]:
         if not isinstance(entry, str) or ":" not in entry:
             continue
         module = entry.partition(":")[0]
-        if module.split(".")[0] in ("gymnasium", "__main__") or module not in sys.modules:
+        if module.split(".")[0] in ("gymnasium", "__main__") or not _imported(module):
             continue
         modules.append(module)
     return list(dict.fromkeys(modules))

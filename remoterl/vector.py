@@ -39,10 +39,11 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space
 
-from remoterl.actions import check_actions, check_attr_name
+from remoterl.wire.actions import check_actions, check_attr_name
+from remoterl.client.registry import get_client
 from remoterl.env import metadata_from_wire, spec_from_wire, values_from_wire
 from remoterl.errors import ActionNotBatchedError, InvalidActionError, RemoteRLError, ResetNeededError
-from remoterl.spaces import space_from_wire
+from remoterl.wire.spaces import space_from_wire
 
 __all__ = ["RemoteEnvVec"]
 
@@ -76,8 +77,6 @@ class RemoteEnvVec(VectorEnv):
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
                  broker: str | None = None, client: Any = None, max_workers: int | None = None,
                  timeout: float | None = None, **kwargs: Any) -> None:
-        from remoterl.lifecycle import get_client
-
         # Until the slots are open there is nothing to close (VectorEnv.__del__ checks this).
         self.closed = True
         if not isinstance(num_envs, int) or num_envs < 1:
@@ -257,7 +256,7 @@ class RemoteEnvVec(VectorEnv):
         if self._out_of_step is not None:
             raise ResetNeededError(self._out_of_step_message("reset()"))
         space = self.single_action_space
-        # The same checks the workers run on arrival (remoterl.actions.check_actions): a batch that
+        # The same checks the workers run on arrival (remoterl.wire.actions.check_actions): a batch that
         # does not fit fails here, typed, with nothing sent.
         try:
             actions = check_actions(space, actions, self.num_envs)

@@ -187,7 +187,7 @@ def broker_url():
 
 
 def status(url: str) -> dict:
-    from remoterl.cli import fetch_status
+    from remoterl.client.status import fetch_status
 
     return fetch_status(url, timeout=T)
 

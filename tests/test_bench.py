@@ -122,7 +122,7 @@ def abuse():
 def test_hostile_peers_send_what_they_say_and_stop(abuse, procs, tmp_path):
     """Each abuse of bench/abuse.py, tiny, over tcp:// and ws://: it sends exactly what it
     reports, within its time limit, and the broker still answers afterwards."""
-    from remoterl.cli import fetch_status
+    from remoterl.client.status import fetch_status
 
     key, other = "k-abuse-trainers", "k-abuse-others"
     keys = tmp_path / "keys.txt"

@@ -1,4 +1,4 @@
-"""``remoterl.broker.bridge`` (the WebSocket bridge) and ``remoterl.wsgateway`` (its client side).
+"""``remoterl.broker.bridge`` (the WebSocket bridge) and ``remoterl.io.wsgateway`` (its client side).
 
 The broker runs in this process (a thread) with an extra ``inproc://`` endpoint; a
 :class:`WsBridge` serves WebSocket peers on 127.0.0.1 through it. Trainers and
@@ -31,14 +31,14 @@ from websockets.sync.client import connect as ws_connect
 
 import remoterl
 from remoterl import BrokerUnavailableError, RemoteEnvVec
-from remoterl import _wsframes
+from remoterl.wire import wsframes as _wsframes
 from remoterl.broker.bridge import WsBridge
 from remoterl.broker.core import BrokerConfig
 from remoterl.broker.loop import Broker
 from remoterl.errors import ProtocolError
 from remoterl.workers.loop import WorkerLoop
 from remoterl.workers.runtime import SlotHost
-from remoterl.wsgateway import close_gateways, gateway_endpoint, resolve_endpoint
+from remoterl.io.wsgateway import close_gateways, gateway_endpoint, resolve_endpoint
 
 # The broker's heartbeat window is long (5 s) so that "freed at once" is told apart from "expired".
 BROKER_HEARTBEAT, BROKER_LIVENESS = 1.0, 5
@@ -340,7 +340,7 @@ def test_peer_that_stops_reading_does_not_stall_others(setup, clients):
 KILLED_TRAINER = """
 import sys, time
 import remoterl
-from remoterl.wsgateway import gateway_endpoint
+from remoterl.io.wsgateway import gateway_endpoint
 client = remoterl.Client(gateway_endpoint(sys.argv[1])).connect()
 vec = remoterl.RemoteEnvVec("CartPole-v1", 3, client=client)
 vec.reset(seed=0)
@@ -434,7 +434,7 @@ def test_stop_closes_connections_and_frees_slots(setup):
 
 
 def test_gateway_closes_connections_of_closed_sockets(setup, monkeypatch):
-    import remoterl.wsgateway as wsgateway
+    import remoterl.io.wsgateway as wsgateway
 
     monkeypatch.setattr(wsgateway, "_HEARTBEAT_IDLE", 0.4)
     bridge = setup.add_bridge()
@@ -462,7 +462,7 @@ def test_cli_ws_trainer_with_tcp_worker(procs, broker_url):
     """`remoterl-broker --ws`: a trainer on ws:// and a worker on tcp://, through the CLIs."""
     from conftest import start_broker, start_worker
 
-    from remoterl.cli import fetch_status
+    from remoterl.client.status import fetch_status
 
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
@@ -484,7 +484,7 @@ def test_cli_ws_trainer_with_tcp_worker(procs, broker_url):
 
 
 def test_too_many_frames_close_that_connection(setup, clients):
-    frames = [b"RLC1\x10"] + [b""] * remoterl.protocol.MAX_FRAMES
+    frames = [b"RLC1\x10"] + [b""] * remoterl.wire.protocol.MAX_FRAMES
     with ws_connect(setup.ws_url, compression=None) as bad:
         bad.send(hello())
         bad.recv(timeout=T)
@@ -497,7 +497,7 @@ def test_too_many_frames_close_that_connection(setup, clients):
 def test_long_names_and_headers_are_refused(setup):
     with ws_connect(setup.ws_url, compression=None, max_size=None) as ws:
         for fields, code in [({"name": "n" * 40_000_000}, "too_large"),
-                             ({"name": "n" * (remoterl.protocol.MAX_NAME + 1)}, "protocol")]:
+                             ({"name": "n" * (remoterl.wire.protocol.MAX_NAME + 1)}, "protocol")]:
             ws.send(_wsframes.pack([b"RLC1\x01", msgpack.packb({"v": 1, "r": 3, **fields})]))
             reply = _wsframes.unpack(ws.recv(timeout=T))
             assert bytes(reply[0]) == b"RLC1\x09", reply[0]

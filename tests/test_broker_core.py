@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-from remoterl import codec
-from remoterl import protocol as p
+from remoterl.wire import codec
+from remoterl.wire import protocol as p
 from remoterl.broker import services
 from remoterl.broker.core import BrokerConfig, BrokerCore
-from remoterl.protocol import ClientCommand as C
-from remoterl.protocol import WorkerCommand as W
+from remoterl.wire.protocol import ClientCommand as C
+from remoterl.wire.protocol import WorkerCommand as W
 
 ENV = "CartPole-v1"
 W1, W2, W3 = b"w1", b"w2", b"w3"

@@ -20,8 +20,8 @@ import zmq
 
 from conftest import HEARTBEAT, LIVENESS, T, cli, start_broker, start_worker, status, wait_for
 from remoterl import Client, LimitExceededError, RemoteEnvError, WorkerLostError
-from remoterl import protocol as p
-from remoterl.protocol import ClientCommand as C
+from remoterl.wire import protocol as p
+from remoterl.wire.protocol import ClientCommand as C
 
 WINDOW = HEARTBEAT * LIVENESS
 
@@ -345,7 +345,7 @@ class InProcessBroker:
         ours, theirs = socket.socketpair()
         self.broker.add_link(ours)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "remoterl._embedded_child", "worker", str(os.getpid()), repr(self.heartbeat),
+            [sys.executable, "-m", "remoterl.embedded_child", "worker", str(os.getpid()), repr(self.heartbeat),
              str(self.liveness), self.url, str(slots), name, str(theirs.fileno()), "remoterl_test_envs"],
             pass_fds=(theirs.fileno(),), env={**os.environ, **TEST_ENV})
         theirs.close()
@@ -355,7 +355,7 @@ class InProcessBroker:
 
     def local_client(self):
         from remoterl.broker.loop import in_process
-        from remoterl.transport import LocalClient
+        from remoterl.client.connection import LocalClient
 
         return LocalClient(in_process(self.inproc), self.inproc, timeout=T).connect()
 
@@ -376,7 +376,7 @@ def in_process():
 
 def test_in_process_client_and_tcp_client_share_a_link_worker(in_process):
     from remoterl import RemoteEnvVec
-    from remoterl.transport import LocalClient
+    from remoterl.client.connection import LocalClient
 
     in_process.link_worker("linked")
     local = in_process.local_client()
@@ -491,8 +491,8 @@ def test_linked_worker_stops_when_its_link_ends(how):
     import socket
     import struct
 
-    from remoterl._link import Link
-    from remoterl.protocol import WorkerCommand as W
+    from remoterl.io.link import Link
+    from remoterl.wire.protocol import WorkerCommand as W
     from remoterl.workers.loop import WorkerLoop
     from remoterl.workers.runtime import SlotHost
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 import remoterl
-import remoterl.codec
+import remoterl.wire.codec
 from conftest import T, cli, start_broker, start_worker, wait_for
-from remoterl import protocol as p
+from remoterl.wire import protocol as p
 from remoterl.broker.core import BrokerConfig, BrokerCore
 from remoterl.broker.services import answer
-from remoterl.cli import fetch_status
-from remoterl.protocol import ClientCommand as C
-from remoterl.protocol import WorkerCommand as W
+from remoterl.client.status import fetch_status
+from remoterl.wire.protocol import ClientCommand as C
+from remoterl.wire.protocol import WorkerCommand as W
 
 KEYS = {"key-alpha": "alpha", "key-beta": "beta"}
 
@@ -221,7 +221,7 @@ def _curve_status(url, public):
 def test_refused_call_does_not_reveal_another_tenants_worker(core):
     send(core, b"wa", ready("key-alpha"))
     send(core, b"cb", hello("key-beta"))
-    header = remoterl.codec.encode({"r": 4, "op": "step"})[0]
+    header = remoterl.wire.codec.encode({"r": 4, "op": "step"})[0]
     out = send(core, b"cb", [p.client_frame(C.CALL), b"wa", header])
     unknown = send(core, b"cb", [p.client_frame(C.CALL), b"nobody", header])
     assert hdr(out[0])["code"] == hdr(unknown[0])["code"] == "worker_lost"
@@ -401,7 +401,7 @@ def test_embedded_default_with_an_api_key(monkeypatch):
     """The embedded broker (open mode) with $REMOTERL_API_KEY set: this process reaches it over
     inproc (no handshake), subprocess children over its tcp address (PLAIN falls back)."""
     from remoterl.embedded import Embedded
-    from remoterl.transport import connect_client
+    from remoterl.client.connection import connect_client
 
     monkeypatch.setenv("REMOTERL_API_KEY", "key-of-a-remote-broker")
     embedded = Embedded(1, 2)

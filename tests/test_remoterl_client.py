@@ -1,4 +1,4 @@
-"""Tests for remoterl.client: the client core's bookkeeping, fed broker messages (no sockets)."""
+"""Tests for remoterl.client.session: the client core's bookkeeping, fed broker messages (no sockets)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import data_equivalence
 
-from remoterl import codec
-from remoterl import protocol as p
-from remoterl.client import ClientCore, Pending
+from remoterl.wire import codec
+from remoterl.wire import protocol as p
+from remoterl.client.session import ClientCore, Pending
 from remoterl.errors import (
     AuthenticationError,
     BrokerUnavailableError,
@@ -23,7 +23,7 @@ from remoterl.errors import (
     RemoteTimeoutError,
     WorkerLostError,
 )
-from remoterl.protocol import ClientCommand as C
+from remoterl.wire.protocol import ClientCommand as C
 
 W1 = b"worker-1"
 W2 = b"worker-2"

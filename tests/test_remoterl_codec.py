@@ -1,4 +1,4 @@
-"""Tests for remoterl.codec: values ⇄ msgpack header + raw frames (no sockets)."""
+"""Tests for remoterl.wire.codec: values ⇄ msgpack header + raw frames (no sockets)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import data_equivalence
 
-from remoterl.codec import decode, encode
+from remoterl.wire.codec import decode, encode
 from remoterl.errors import CodecError, ProtocolError
 
 

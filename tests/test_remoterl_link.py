@@ -1,4 +1,4 @@
-"""Tests for remoterl._link: multipart messages over a socketpair, without zmq."""
+"""Tests for remoterl.io.link: multipart messages over a socketpair, without zmq."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import T
-from remoterl._link import Link, LinkClosed
+from remoterl.io.link import Link, LinkClosed
 from remoterl.errors import ProtocolError
 
 

@@ -1,4 +1,4 @@
-"""Tests for remoterl.protocol: frame-0 signatures, Majordomo (RFC 7 / RFC 18) framing,
+"""Tests for remoterl.wire.protocol: frame-0 signatures, Majordomo (RFC 7 / RFC 18) framing,
 remoterl command frames and msgpack headers. Pure functions: no sockets, no state."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 import msgpack
 import pytest
 
-from remoterl import protocol as p
+from remoterl.wire import protocol as p
 from remoterl.errors import ProtocolError
-from remoterl.protocol import ClientCommand, MdpVersion, WorkerCommand
+from remoterl.wire.protocol import ClientCommand, MdpVersion, WorkerCommand
 
 V01, V02 = MdpVersion.V01, MdpVersion.V02
 

@@ -1,4 +1,4 @@
-"""Tests for remoterl.spaces: gymnasium spaces ⇄ msgpack-able descriptions (no sockets)."""
+"""Tests for remoterl.wire.spaces: gymnasium spaces ⇄ msgpack-able descriptions (no sockets)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from gymnasium import spaces
 from gymnasium.utils.env_checker import data_equivalence
 
-from remoterl.codec import decode, encode
+from remoterl.wire.codec import decode, encode
 from remoterl.errors import CodecError, ProtocolError, UnsupportedSpaceError
-from remoterl.spaces import space_from_wire, space_to_wire
+from remoterl.wire.spaces import space_from_wire, space_to_wire
 
 SUPPORTED = "(supported: Box, Discrete, MultiDiscrete, MultiBinary, Dict, Tuple, Text)"
 

@@ -22,7 +22,7 @@ from remoterl.workers.runtime import MAX_WRAPPER_NAME, SlotHost
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from remoterl import codec
+from remoterl.wire import codec
 from remoterl.env import RemoteEnv
 from remoterl.errors import (
     InvalidActionError,

@@ -34,7 +34,7 @@ from gymnasium import spaces
 
 import remoterl
 from conftest import T, closed_after, start_broker, start_worker, status
-from remoterl import codec
+from remoterl.wire import codec
 from remoterl.errors import InvalidActionError, ProtocolError
 from remoterl.workers.runtime import SlotHost
 
@@ -277,7 +277,7 @@ def test_single_step_actions_that_do_not_fit_are_an_action_error(env_id, action)
 
 def test_client_side_checks_are_the_worker_side_checks():
     # What RemoteEnv / RemoteEnvVec refuse before sending is what the worker refuses on arrival.
-    from remoterl.actions import check_action, check_actions
+    from remoterl.wire.actions import check_action, check_actions
 
     with pytest.raises(InvalidActionError):
         check_actions(spaces.Discrete(2), np.zeros((2**25, 0), np.int64), 4)

@@ -20,9 +20,9 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv
 from conftest import assert_same
 
 import remoterl.env
-from remoterl import codec
+from remoterl.wire import codec
 from remoterl_test_envs import CountingEnv, RaisingEnv  # the same envs the worker-process tests use
-from remoterl.spaces import space_from_wire
+from remoterl.wire.spaces import space_from_wire
 from remoterl.workers.runtime import AUTORESET_MODES, SlotHost
 
 CLIENT = b"client-A"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from typing import Any
 
 import gymnasium
@@ -196,7 +195,9 @@ def _import_path(entry_point: Any) -> tuple[str | None, str]:
     name = getattr(entry_point, "__qualname__", None)
     what = f"{name or entry_point!r}"
     if module == "__main__":
-        script = getattr(sys.modules.get("__main__"), "__file__", None) or "your script"
+        import __main__
+
+        script = getattr(__main__, "__file__", None) or "your script"
         return None, (f"its entry point {what} is defined in __main__ ({os.path.basename(script)}), which workers "
                       f"cannot import. Move it to a module (say myenvs.py), register it with "
                       f"entry_point='myenvs:{name or 'MyEnv'}', and start workers with --import myenvs")
@@ -220,7 +221,7 @@ def mirror_registration(env_id: str, entry_point: str | None = None) -> dict:
     Returns:
         The broker's answer: ``{"id", "accepted": [...], "refused": {worker: reason}}``.
     """
-    from remoterl.lifecycle import get_client, on_client_replaced
+    from remoterl.client.registry import get_client, on_client_replaced
 
     spec = registration.registry[env_id]
     wire = {

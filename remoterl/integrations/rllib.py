@@ -293,7 +293,7 @@ def _carried(config: AlgorithmConfig) -> dict:
 
 def _client(config: AlgorithmConfig) -> Any:
     """This process's client for the broker the config names (the driver's own, if it is it)."""
-    from remoterl.lifecycle import get_client, settings
+    from remoterl.client.registry import get_client, settings
 
     carried = _carried(config)
     url = carried.get(BROKER_KEY) or os.environ.get("REMOTERL_BROKER")
@@ -350,7 +350,7 @@ def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
         NoWorkerError: every worker refused to register the env's creator.
     """
     from remoterl.errors import BrokerUnavailableError
-    from remoterl.lifecycle import settings
+    from remoterl.client.registry import settings
 
     check_config(config)
     current = settings()

@@ -41,7 +41,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
-from remoterl.actions import check_action, check_attr_name
+from remoterl.wire.actions import check_action, check_attr_name
 from remoterl.env import values_from_wire
 from remoterl.errors import InvalidActionError, ProtocolError
 
@@ -340,7 +340,7 @@ class RemoteEnvFn:
 
     def __call__(self) -> gymnasium.Env:
         from remoterl.env import RemoteEnv
-        from remoterl.lifecycle import settings
+        from remoterl.client.registry import settings
 
         if self.api_key and settings() is None:
             os.environ.setdefault("REMOTERL_API_KEY", self.api_key)
@@ -362,7 +362,7 @@ def remote_make_vec_env(env_id: str | Callable[..., gymnasium.Env], n_envs: int 
                         vec_env_kwargs: dict | None = None, monitor_kwargs: dict | None = None,
                         wrapper_kwargs: dict | None = None) -> VecEnv:
     """SB3's ``make_vec_env`` with remote envs (see the module docstring)."""
-    from remoterl.lifecycle import settings
+    from remoterl.client.registry import settings
 
     current = settings()
     if not isinstance(env_id, str) or current is None:

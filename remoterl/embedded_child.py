@@ -1,13 +1,13 @@
-"""Entry point of the embedded default's child processes (``python -m remoterl._embedded_child``).
+"""Entry point of the embedded default's child processes (``python -m remoterl.embedded_child``).
 
 Started with ``subprocess`` rather than ``multiprocessing`` so that the trainer's
 ``__main__`` is never re-imported (a script without an ``if __name__ == "__main__"``
 guard would otherwise run again in every child).
 
-    python -m remoterl._embedded_child broker PARENT_PID HEARTBEAT LIVENESS
-    python -m remoterl._embedded_child worker PARENT_PID HEARTBEAT LIVENESS URL SLOTS NAME LINK_FD [MODULE ...]
+    python -m remoterl.embedded_child broker PARENT_PID HEARTBEAT LIVENESS
+    python -m remoterl.embedded_child worker PARENT_PID HEARTBEAT LIVENESS URL SLOTS NAME LINK_FD [MODULE ...]
 
-LINK_FD is the worker's end of a local link to the broker (``remoterl._link``), or -1
+LINK_FD is the worker's end of a local link to the broker (``remoterl.io.link``), or -1
 to use zmq only.
 
 The broker prints its URL on one line of stdout once bound.
@@ -21,7 +21,7 @@ import sys
 
 
 def main(argv: list[str]) -> None:
-    from remoterl._process import die_with_parent
+    from remoterl.io.process import die_with_parent
 
     role, parent_pid, heartbeat, liveness = argv[0], int(argv[1]), float(argv[2]), int(argv[3])
     die_with_parent(parent_pid)

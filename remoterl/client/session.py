@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A trainer's :class:`~remoterl.transport.Client` owns the sockets; this core owns the
+A trainer's :class:`~remoterl.client.connection.Client` owns the sockets; this core owns the
 bookkeeping. Every request gets an id ``r`` and a :class:`Pending` entry naming the
 worker it went to (``None`` for broker requests: OPEN, CLOSE). :meth:`ClientCore.receive`
 takes a message from the broker and completes pending entries:
@@ -25,8 +25,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from remoterl import codec
-from remoterl import protocol as p
+from remoterl.wire import codec
+from remoterl.wire import protocol as p
 from remoterl.errors import (
     EnvClosedError,
     ProtocolError,
@@ -34,7 +34,7 @@ from remoterl.errors import (
     WorkerLostError,
     error_from_wire,
 )
-from remoterl.protocol import ClientCommand as C
+from remoterl.wire.protocol import ClientCommand as C
 
 __all__ = ["ClientCore", "Pending"]
 
