@@ -21,14 +21,14 @@ import time
 
 import zmq
 
-from remoterl import protocol as p
-from remoterl._link import Link, LinkClosed
-from remoterl._process import keep_signals_for_main_thread
-from remoterl._zmqio import recv_frames, send_frames
+from remoterl.wire import protocol as p
+from remoterl.io.link import Link, LinkClosed
+from remoterl.io.process import keep_signals_for_main_thread
+from remoterl.io.zmqio import recv_frames, send_frames
 from remoterl.errors import AuthenticationError, LimitExceededError, ProtocolError, error_from_wire
-from remoterl.security import apply_client_security, connect_dealer, curve_serverkey_from_env, no_answer_hint
-from remoterl.wsgateway import resolve_endpoint
-from remoterl.protocol import WorkerCommand as W
+from remoterl.io.security import apply_client_security, connect_dealer, curve_serverkey_from_env, no_answer_hint
+from remoterl.io.wsgateway import resolve_endpoint
+from remoterl.wire.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
 
 __all__ = ["WorkerLoop"]
@@ -64,7 +64,7 @@ class WorkerLoop:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
-        # A local link to the embedded broker (remoterl._link) carries what the main socket
+        # A local link to the embedded broker (remoterl.io.link) carries what the main socket
         # would; heartbeats still go over zmq to ``url``.
         self._link = link
         self._inbox: list[list] = []  # messages read from the link, not yet served

@@ -43,7 +43,7 @@ class WorkerSpec:
     log_level: int = logging.WARNING
     api_key: str | None = None  # never logged
     curve_serverkey: str | None = None
-    link_fd: int | None = None  # one end of a local link to an embedded broker (remoterl._link)
+    link_fd: int | None = None  # one end of a local link to an embedded broker (remoterl.io.link)
 
 
 def split_capacity(n: int, procs: int) -> list[int]:
@@ -54,7 +54,7 @@ def split_capacity(n: int, procs: int) -> list[int]:
 
 def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
     """Run one worker in this process until SIGTERM/SIGINT (the child's entry point)."""
-    from remoterl._process import die_with_parent
+    from remoterl.io.process import die_with_parent
     from remoterl.workers.loop import WorkerLoop
     from remoterl.workers.runtime import SlotHost, import_modules
 
@@ -67,7 +67,7 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
     if spec.link_fd is not None:
         import socket
 
-        from remoterl._link import Link
+        from remoterl.io.link import Link
 
         # Our own broker's messages: its core already checked their size against its limit.
         link = Link(socket.socket(fileno=spec.link_fd), max_message_size=1 << 62)

@@ -44,7 +44,7 @@ Hostile input (the broker may sit on a public address, and one worker hosts many
 clients' slots): no call may make the worker run work out of proportion to what the
 client legitimately owns, since a long call holds the GIL, heartbeats stop and every
 client on the worker loses its slots. So actions are checked whole against the slot
-count and the action space (structure, shapes, dtypes: ``remoterl.actions.check_actions``,
+count and the action space (structure, shapes, dtypes: ``remoterl.wire.actions.check_actions``,
 the check the client ran before sending) before anything is iterated, and a bad one
 gets an ``action`` error (``InvalidActionError`` on the client); a call names each
 slot once; the codec bounds what a zero-size array may span. Nothing from the wire
@@ -73,11 +73,11 @@ import msgpack
 import numpy as np
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array, iterate
 
-from remoterl import codec
-from remoterl.actions import check_action, check_actions, check_attr_name
+from remoterl.wire import codec
+from remoterl.wire.actions import check_action, check_actions, check_attr_name
 from remoterl.errors import (CodecError, InvalidActionError, ProtocolError, RemoteAttributeError, RemoteRLError,
                              UnsupportedSpaceError, error_to_wire)
-from remoterl.spaces import space_to_wire
+from remoterl.wire.spaces import space_to_wire
 
 __all__ = ["AUTORESET_MODES", "SlotHost"]
 
