@@ -26,7 +26,9 @@ from remoterl.io.link import Link, LinkClosed
 from remoterl.io.process import keep_signals_for_main_thread
 from remoterl.io.zmqio import recv_frames, send_frames
 from remoterl.errors import AuthenticationError, LimitExceededError, ProtocolError, error_from_wire
-from remoterl.io.security import apply_client_security, connect_dealer, curve_serverkey_from_env, no_answer_hint
+from remoterl.io.dealer import connect_dealer, no_answer_hint
+from remoterl.io.heartbeat import HeartbeatSocket
+from remoterl.io.security import curve_serverkey_from_env
 from remoterl.io.wsgateway import resolve_endpoint
 from remoterl.wire.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
@@ -295,34 +297,28 @@ class WorkerLoop:
     def _heartbeat_loop(self) -> None:
         """Ping the broker on a side socket; flag a reconnect when it is lost or forgot us."""
         keep_signals_for_main_thread()
-        sock, plain = None, False
+        beats: HeartbeatSocket | None = None
+        plain = False
         frame = p.worker_frame(W.HEARTBEAT)
+        stopping = lambda: self._stopping  # noqa: E731
         self._last_pong = time.monotonic()
         try:
             while not self._stopping:
                 if not self.registered.wait(0.05):
                     continue
-                if sock is None or plain != self._plain:
+                if beats is None or plain != self._plain:
                     # Once registered: with the credentials that got the main socket through.
-                    if sock is not None:
-                        sock.close(0)
-                    sock, plain = self._ctx.socket(zmq.DEALER), self._plain
-                    sock.setsockopt(zmq.LINGER, 0)
-                    endpoint = resolve_endpoint(self.url, context=self._ctx)  # ws(s):// via the gateway
-                    apply_client_security(sock, endpoint, self._curve, self._api_key if plain else None)
-                    sock.connect(endpoint)
+                    if beats is not None:
+                        beats.close()
+                    plain = self._plain
+                    beats = HeartbeatSocket(self._ctx, self.url, serverkey=self._curve,
+                                            api_key=self._api_key if plain else None)
                 identity = self.identity
-                sent = time.monotonic()
                 ping = {"id": identity, "stats": dict(self.host.stats, slots=len(self.host.slots))}
                 if self._api_key:
                     ping["key"] = self._api_key
-                sock.send_multipart([frame, p.encode_header(ping)])
-                deadline = sent + self.heartbeat
-                while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
-                    # Short slices: a stop request is noticed within 0.1 s.
-                    if not sock.poll(min(remaining, 0.1) * 1000):
-                        continue  # the loop condition re-checks the stop flag and the deadline
-                    pong = p.decode_header(sock.recv_multipart()[1])
+                beats.ping(frame, ping)
+                for pong in beats.pongs(time.monotonic() + self.heartbeat, stopping):
                     if pong.get("id", identity) != self.identity:
                         continue  # a pong for an identity we no longer use
                     self._last_pong = time.monotonic()
@@ -338,8 +334,8 @@ class WorkerLoop:
         except Exception:  # the heartbeat thread must not die silently
             log.exception("worker %s: heartbeat thread failed", self.name)
         finally:
-            if sock is not None:
-                sock.close(0)
+            if beats is not None:
+                beats.close()
 
     # --- shutdown ---------------------------------------------------------------------------------------
 

@@ -43,7 +43,9 @@ from remoterl.errors import (
     WorkerLostError,
 )
 from remoterl.wire.protocol import ClientCommand as C
-from remoterl.io.security import apply_client_security, connect_dealer, curve_serverkey_from_env, no_answer_hint
+from remoterl.io.dealer import connect_dealer, no_answer_hint
+from remoterl.io.heartbeat import HeartbeatSocket
+from remoterl.io.security import curve_serverkey_from_env
 from remoterl.io.wsgateway import resolve_endpoint
 
 __all__ = ["Client", "LocalClient", "Opened", "connect_client"]
@@ -381,26 +383,19 @@ class Client:
     def _heartbeat_loop(self) -> None:
         """Ping the broker; notice when it goes silent or forgets this session."""
         keep_signals_for_main_thread()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
         # The credentials that got the main socket through the handshake.
-        apply_client_security(sock, self._endpoint, self._curve, self._api_key if self._plain else None)
-        sock.connect(self._endpoint)
+        beats = HeartbeatSocket(self._ctx, self.url, serverkey=self._curve,
+                                api_key=self._api_key if self._plain else None)
         frame = p.client_frame(C.HEARTBEAT)
-        ping_header = {"id": self.identity}
+        ping = {"id": self.identity}
         if self._api_key:
-            ping_header["key"] = self._api_key
-        ping = p.encode_header(ping_header)
+            ping["key"] = self._api_key
         last_pong = time.monotonic()
         try:
             while not self._hb_stop.is_set():
-                sock.send_multipart([frame, ping])
+                beats.ping(frame, ping)
                 deadline = time.monotonic() + self.heartbeat
-                while (remaining := deadline - time.monotonic()) > 0 and not self._hb_stop.is_set():
-                    # Short slices: a stop request is noticed within 0.1 s.
-                    if not sock.poll(min(remaining, 0.1) * 1000):
-                        continue  # the loop condition re-checks the stop flag and the deadline
-                    pong = p.decode_header(sock.recv_multipart()[1])
+                for pong in beats.pongs(deadline, self._hb_stop.is_set):
                     last_pong = time.monotonic()
                     if not pong.get("known", True) and not self._hb_stop.is_set():
                         # (While closing, our own DISCONNECT may already have ended the session.)
@@ -416,7 +411,7 @@ class Client:
         except Exception:
             log.exception("client heartbeat thread failed")
         finally:
-            sock.close(0)
+            beats.close()
 
 
 def connect_client(url: str, **kwargs: Any) -> Client:

@@ -27,7 +27,8 @@ def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
     import zmq
 
     from remoterl.errors import AuthenticationError, BrokerUnavailableError
-    from remoterl.io.security import connect_dealer, curve_serverkey_from_env, no_answer_hint
+    from remoterl.io.dealer import connect_dealer, no_answer_hint
+    from remoterl.io.security import curve_serverkey_from_env
     from remoterl.io.wsgateway import resolve_endpoint
 
     request = [b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])]
