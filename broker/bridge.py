@@ -24,7 +24,7 @@ Rules this loop implements:
   broker does not wait for the heartbeat expiry.
 
 Everything runs on one asyncio loop in a daemon thread; the DEALERs are plain sockets
-of the broker's context driven by that loop (:class:`~remoterl._loopsocket.LoopSocket`,
+of the broker's context driven by that loop (:class:`~remoterl.io.loopsocket.LoopSocket`,
 cheaper per message than ``zmq.asyncio``). :meth:`WsBridge.stop` is bounded. Message
 contents are never logged.
 """
@@ -43,9 +43,9 @@ import zmq
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from remoterl import _wsframes
-from remoterl._loopsocket import LoopSocket, bounded, run_loop, write_now
 from remoterl.errors import ProtocolError
+from remoterl.io.loopsocket import LoopSocket, bounded, run_loop, write_now
+from remoterl.wire import wsframes
 
 __all__ = ["WsBridge"]
 
@@ -58,7 +58,7 @@ _FAREWELL = {
 }
 _SLOW = "remoterl: peer too slow (send queue full)"
 # Room for the 4-byte length prefixes, so every message the broker accepts fits one WebSocket message.
-_FRAMING_ALLOWANCE = 4 * _wsframes.MAX_FRAMES
+_FRAMING_ALLOWANCE = 4 * wsframes.MAX_FRAMES
 _START_TIMEOUT = 10.0
 
 
@@ -214,7 +214,7 @@ class WsBridge:
 
     async def _to_broker(self, ws: ServerConnection, sock: LoopSocket, name: str) -> list | None:
         """WebSocket → broker until the connection ends; return the DISCONNECT to send for it."""
-        recv, send_nowait, unpack = ws.recv, sock.send_nowait, _wsframes.unpack
+        recv, send_nowait, unpack = ws.recv, sock.send_nowait, wsframes.unpack
         farewell: list | None = None
         first = True
         while True:
@@ -266,7 +266,7 @@ class _ToPeer:
         self.name = name
         self.sock: LoopSocket | None = None
         self.sending: asyncio.Task | None = None
-        self.pack = _wsframes.pack
+        self.pack = wsframes.pack
 
     def deliver(self, frames: list) -> None:
         data = self.pack(frames)

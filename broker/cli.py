@@ -80,7 +80,7 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_
     """
     from remoterl.broker.core import BrokerConfig
     from remoterl.broker.loop import Broker
-    from remoterl.security import load_api_keys
+    from remoterl.io.security import load_api_keys
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -132,8 +132,9 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_
         if not api_keys:
             return
         try:
-            broker.core.set_api_keys(load_api_keys(api_keys))
-            logging.getLogger("remoterl.broker").warning("API keys re-read (%d keys)", len(broker.core._key_hashes or {}))
+            fresh = load_api_keys(api_keys)
+            broker.core.set_api_keys(fresh)
+            logging.getLogger("remoterl.broker").warning("API keys re-read (%d keys)", len(fresh))
         except (OSError, ValueError) as exc:
             logging.getLogger("remoterl.broker").error("SIGHUP: keeping the old API keys: %s", exc)
 

@@ -10,14 +10,14 @@ Theory of operation: in-process peers and local links
 A broker that runs in a thread of a trainer (the embedded default) takes two
 shortcuts; both carry the same messages as the socket, and the core cannot tell.
 
-*In-process peers.* A client of the same process (``remoterl.transport.LocalClient``)
-skips its own socket: it hands its frames straight to the core (:meth:`Broker.submit`)
+*In-process peers.* A client of the same process (a ``remoterl.client.connection.Client``
+over ``remoterl.io.inprocess.InProcessTransport``) skips its own socket: it hands its frames straight to the core (:meth:`Broker.submit`)
 and, while it waits for a reply, runs this loop itself in its own thread
 (:meth:`Broker.serve`). Per step that saves the two thread wake-ups of a hop through
 the broker's thread. The socket and the core belong to whichever thread holds
 :attr:`Broker._loop` (a lock): the broker's own thread, or a peer inside
 :meth:`Broker.driving`. A peer that finds the broker's thread asleep in ``poll``
-wakes it through an fd that the poll also watches (an eventfd; a pipe off Linux).
+wakes it through an fd that the poll also watches (``remoterl.broker.waker``).
 The broker's thread does not take the loop back while a peer is inside ``driving``
 or left it less than :data:`LINGER` ago, so a trainer stepping back to back keeps
 the loop from one step to the next and never pays that wake-up; once it pauses for
@@ -26,11 +26,8 @@ Messages for an in-process peer go to its ``deliver`` function, in whichever thr
 runs the loop at the time.
 
 *Local links.* A worker process started by the trainer talks to the broker over one
-end of a socketpair (:meth:`Broker.add_link`, ``remoterl._link``) instead of zmq,
-whose I/O threads would add two wake-ups on each side of every message. The link's
-fd sits in the same poll; writes that the kernel does not take at once wait in the
-link's queue until the fd is writable, so a busy worker never blocks the loop. A
-closed link purges its worker at once.
+end of a socketpair (:meth:`Broker.add_link`) instead of zmq; the link's fd sits in
+the same poll (``remoterl.broker.links``).
 
 ``bench/timeline.py`` shows where a step's time goes on this path.
 
@@ -55,7 +52,7 @@ is never delivered: no ``too_many_frames``, and the trainer's steps stay at p50 
 max 18 ms, during the attack (CLI broker and worker, a RemoteEnvVec of 8 CartPole envs,
 all on 127.0.0.1; a wrong key instead: one ``handshakes_refused``, max step 14 ms). A ZAP
 answer costs this loop about 7 µs (100 keys); a client learns of a refused key within a
-millisecond, of a missing key within 0.1-0.2 s (``remoterl.security.connect_dealer``).
+millisecond, of a missing key within 0.1-0.2 s (``remoterl.io.security.connect_dealer``).
 HELLO/READY still carry the key too, and the core still checks it: in-process peers,
 local links and the WebSocket bridge (all inproc, where ZeroMQ has no handshake) are
 checked there, as is every peer in CURVE mode.
@@ -73,24 +70,23 @@ contexts (``Broker(..., context=zmq.Context())``); binding the second raises.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
-import weakref
 from typing import Any, Callable
 
 import zmq
 
-from remoterl import protocol as p
-from remoterl._link import Link, LinkClosed
-from remoterl._zmqio import send_frames
 from remoterl.broker.core import BrokerConfig, BrokerCore
-from remoterl.errors import BrokerUnavailableError, ProtocolError
-from remoterl.protocol import WorkerCommand as W
-from remoterl.security import PLAIN_USERNAME, ZAP_DOMAIN
+from remoterl.broker.links import Links
+from remoterl.broker.waker import Waker
+from remoterl.errors import BrokerUnavailableError
+from remoterl.io import inprocess
+from remoterl.io.security import PLAIN_USERNAME, ZAP_DOMAIN
+from remoterl.io.zmqio import send_frames
+from remoterl.wire import protocol as p
+from remoterl.wire.protocol import WorkerCommand as W
 
-__all__ = ["Broker", "LINGER", "in_process"]
+__all__ = ["Broker", "LINGER"]
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +97,6 @@ _MAX_WAIT = 0.25
 # anything the other peers would notice.
 LINGER = 0.002
 
-# Brokers of this process by the in-process endpoints they bound (see in_process()).
-_in_process: dict[str, Broker] = {}
-
-
-def in_process(url: str) -> Broker | None:
-    """The running broker of this process bound at ``url`` (an ``inproc://`` endpoint), if any."""
-    broker = _in_process.get(url)
-    if broker is None or broker._pid != os.getpid() or broker._sock is None:
-        return None
-    return broker
-
-
 class Broker:
     """A broker bound to ``url``; call :meth:`run` (blocking) or :meth:`start` (a thread).
 
@@ -121,7 +105,7 @@ class Broker:
             for a free port (read :attr:`url` after :meth:`bind`).
         config: heartbeat, liveness and limits.
         also: more endpoints on the same socket; an ``inproc://`` one also makes the broker
-            reachable by in-process peers (:func:`in_process`).
+            reachable by in-process peers (``remoterl.io.inprocess``).
         curve_secret: CURVE for tcp peers (inproc ones are exempt).
 
     With ``config.api_keys`` and no ``curve_secret``, tcp/ipc peers must present a valid
@@ -136,13 +120,12 @@ class Broker:
         self.also = also
         self.curve_secret = curve_secret
         self.config = config or BrokerConfig()
-        self.core = BrokerCore(self.config, time.monotonic())
+        self.core = BrokerCore(self.config, time.monotonic(), wall_started=time.time())
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._zap: zmq.Socket | None = None  # the ZAP handler in key mode (bind)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
         self.url: str | None = None
         self.bound = threading.Event()
         # In-process peers: see the module docstring.
@@ -152,15 +135,11 @@ class Broker:
         self._drivers_lock = threading.Lock()
         self._driving = _Driving(self)
         self._released = 0.0  # when the last one left
-        # What an in-process peer writes to wake the broker's thread from poll (an eventfd on
-        # Linux, a pipe elsewhere). Closed with the object, never before: a peer may still
-        # write to it after stop().
-        self._wake, self._wake_write = _waker()
-        weakref.finalize(self, _close_fds, {self._wake, self._wake_write})
+        self._waker = Waker()  # what an in-process peer makes readable to wake the broker's thread
         self._idle = threading.Event()  # set by stop(): ends the broker thread's lingering
-        # Local links (remoterl._link): peer id -> link, and the link's fd -> peer id.
-        self._links: dict[bytes, Link] = {}
-        self._link_ids: dict[int, bytes] = {}
+        # The sockets, the wake-up fd and the local links' fds, all in one poll.
+        self._poll = zmq.Poller()
+        self._links = Links(self._poll, self.config.max_message_size, self.core.receive, self._link_lost)
 
     def bind(self) -> str:
         """Create and bind the ROUTER socket; return the bound URL (with the real port).
@@ -185,7 +164,7 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             if self.curve_secret:
-                from remoterl.security import apply_curve_server
+                from remoterl.io.security import apply_curve_server
 
                 apply_curve_server(sock, self.curve_secret)
             elif zap is not None:
@@ -202,16 +181,15 @@ class Broker:
             raise
         self._sock = sock
         self._zap = zap
-        self._poll = zmq.Poller()
         self._poll.register(sock, zmq.POLLIN)
-        self._poll.register(self._wake, zmq.POLLIN)
+        self._poll.register(self._waker.fd, zmq.POLLIN)
         if zap is not None:
             self._poll.register(zap, zmq.POLLIN)
         self._poll_poll = self._poll.poll
         self._hot = (sock, sock.recv, sock.getsockopt, self.core.receive)
         for endpoint in self.also:
             if endpoint.startswith("inproc://"):
-                _in_process[endpoint] = self
+                inprocess.register(endpoint, self)
         self.bound.set()
         log.info("broker %s listening on %s", self.core.instance, self.url)
         return self.url
@@ -279,10 +257,10 @@ class Broker:
                     receive(sender, frames, time.monotonic())
             elif target is self._zap:  # a tcp/ipc peer's handshake, in key mode
                 self._on_zap()
-            elif target == self._wake:  # an in-process peer wants the loop: just leave poll
-                _drain(self._wake)
+            elif target == self._waker.fd:  # an in-process peer wants the loop: just leave poll
+                self._waker.clear()
             else:
-                self._on_link(target, flags)
+                self._links.on_ready(target, flags)
         self.core.tick(time.monotonic())
         self._flush()
 
@@ -353,16 +331,16 @@ class Broker:
             reason = "remoterl peers authenticate with PLAIN, username remoterl"
         else:
             try:
-                tenant = core._tenant_of(credentials[1].decode())  # hashed, constant time; current keys
+                tenant = core.tenant_of(credentials[1].decode())  # hashed, constant time; current keys
             except UnicodeDecodeError:
                 tenant = None
             reason = "wrong API key"
         if tenant is None:
             core.counters["handshakes_refused"] += 1
-            core._warn("refused a connection from %s at the handshake: %s",
-                       address.decode("utf-8", "replace"), reason)
+            core.outbox.warn("refused a connection from %s at the handshake: %s",
+                             address.decode("utf-8", "replace"), reason)
             return [b"1.0", request_id, b"400", reason.encode(), b"", b""]
-        core._count("handshakes_accepted", tenant)
+        core.tenants.count("handshakes_accepted", tenant)
         return [b"1.0", request_id, b"200", b"OK", tenant.encode(), b""]
 
     def _flush(self) -> None:
@@ -379,21 +357,15 @@ class Broker:
         out = self.core.messages_to_send()
         if not out:
             return out
-        send, local, links = self._sock.send, self._local, self._links  # type: ignore[union-attr]
+        send, local, links = self._sock.send, self._local, self._links.by_peer  # type: ignore[union-attr]
         broken, failed = None, []
         for msg in out:
             peer = msg[0]
             if local and peer in local:
                 local[peer](msg[1:])
             elif links and peer in links:
-                link = links[peer]
-                try:
-                    link.send(msg[1:])
-                except LinkClosed:
+                if not self._links.send(peer, msg[1:]):
                     broken = [*(broken or ()), peer]
-                    continue
-                if link.wants_write:
-                    self._poll.modify(link.fileno(), _POLLIN | _POLLOUT)
             else:
                 try:
                     send_frames(send, msg, flags=_NOBLOCK)
@@ -404,50 +376,22 @@ class Broker:
                         raise
                     failed.append((msg, False))  # no such peer (any more)
         for peer in broken or ():
-            self._drop_link(peer, "its link broke")
+            self._links.drop(peer, "its link broke")
         return failed
 
     # --- local links ------------------------------------------------------------------------------
 
     def add_link(self, sock: Any) -> bytes:
-        """Serve a peer on one end of a local stream socket (``remoterl._link``); return its id.
+        """Serve a peer on one end of a local stream socket (``remoterl.io.link``); return its id.
 
         Call from any thread but one inside :meth:`driving`. The peer is the same to the
         core as one on the ROUTER socket; when the link closes, the core hears DISCONNECT.
         """
-        link = Link(sock, self.config.max_message_size)
-        identity = b"W" + os.urandom(15)
         with self.driving():
-            self._links[identity] = link
-            self._link_ids[link.fileno()] = identity
-            self._poll.register(link.fileno(), zmq.POLLIN)
-        return identity
+            return self._links.add(sock)
 
-    def _on_link(self, fd: int, events: int) -> None:
-        peer = self._link_ids.get(fd)
-        if peer is None:
-            return
-        link = self._links[peer]
-        try:
-            if events & _POLLOUT and link.flush():
-                self._poll.modify(fd, _POLLIN)
-            if events & (_POLLIN | _POLLERR):
-                for frames in link.receive():
-                    self.core.receive(peer, frames, time.monotonic())
-        except LinkClosed:
-            self._drop_link(peer, "its link closed")
-        except ProtocolError as exc:
-            log.warning("dropping the local link of worker %s: %s", peer.hex(), exc)
-            self._drop_link(peer, str(exc))
-
-    def _drop_link(self, peer: bytes, reason: str) -> None:
-        link = self._links.pop(peer, None)
-        if link is None:
-            return
-        self._link_ids.pop(link.fileno(), None)
-        self._poll.unregister(link.fileno())
-        link.close()
-        log.info("local worker %s: %s", peer.hex(), reason)
+    def _link_lost(self, peer: bytes) -> None:
+        """A local link was dropped: its worker leaves the core at once."""
         if peer in self.core.workers:  # its slots fail now instead of at the heartbeat timeout
             self.core.receive(peer, [p.worker_frame(W.DISCONNECT)], time.monotonic())
             self._flush()
@@ -476,7 +420,7 @@ class Broker:
         with self._drivers_lock:
             self._drivers += 1
         if not self._loop.acquire(blocking=False):
-            _wake(self._wake_write)  # the broker's thread sleeps in poll: wake it
+            self._waker.wake()  # the broker's thread sleeps in poll: wake it
             self._loop.acquire()
         if self._sock is None:
             self._give_loop()
@@ -494,18 +438,11 @@ class Broker:
         self._flush()
 
     def _close(self) -> None:
-        for link in self._links.values():
-            try:
-                link.flush()  # the DISCONNECTs, as far as the kernel takes them now
-            except LinkClosed:
-                pass
-            link.close()
-        self._links.clear()
-        self._link_ids.clear()
+        self._links.close()
         for endpoint in self.also:
-            if _in_process.get(endpoint) is self:
-                del _in_process[endpoint]
+            inprocess.unregister(endpoint, self)
         if self._sock is not None:
+            self._poll.unregister(self._sock)
             # Give the DISCONNECTs a moment to leave, bounded.
             self._sock.setsockopt(zmq.LINGER, 200)
             self._sock.close()
@@ -515,40 +452,6 @@ class Broker:
             self._zap.close(0)
             self._zap = None
         log.info("broker %s stopped", self.core.instance)
-
-
-def _waker() -> tuple[int, int]:
-    """A readable fd and the fd that makes it readable: one eventfd on Linux, else a pipe."""
-    if hasattr(os, "eventfd"):
-        fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        return fd, fd
-    read, write = os.pipe()
-    for fd in (read, write):
-        os.set_blocking(fd, False)
-    return read, write
-
-
-_ONE = (1).to_bytes(8, sys.byteorder)  # an eventfd adds this number; a pipe takes 8 bytes
-
-
-def _wake(fd: int) -> None:
-    try:
-        os.write(fd, _ONE)
-    except BlockingIOError:
-        pass  # already readable: enough to wake the poll
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def _close_fds(fds: set[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 class _Driving:
@@ -572,4 +475,3 @@ _RCVMORE = int(zmq.RCVMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _MAX_FRAMES = p.MAX_FRAMES
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks a context's ZAP handler (RFC 27)
-_POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)

@@ -37,17 +37,17 @@ __all__ = ["MdpQueue", "MdpRequest"]
 class MdpRequest:
     """One queued request. The broker keeps it (body included) while a worker holds it,
     so that it can be given back to the queue if that worker goes (see
-    ``BrokerCore._mdp_orphan``); it is released with the reply."""
+    ``Majordomo._orphan`` in ``remoterl.broker.majordomo``); it is released with the reply."""
 
     client: bytes
     service: bytes
-    version: Any          # remoterl.protocol.MdpVersion
+    version: Any          # remoterl.wire.protocol.MdpVersion
     empty_prefix: bool
     body: list
     queued: float         # monotonic time it arrived
     size: int             # bytes of its body
     waiting: bool = True  # in a queue now (False once popped or expired)
-    majortomo: bool = False  # the client speaks majortomo's dialect (remoterl.protocol)
+    majortomo: bool = False  # the client speaks majortomo's dialect (remoterl.wire.protocol)
     requeued: bool = False   # already given back once after a worker holding it left
 
 

@@ -1,22 +1,60 @@
 """Services the broker answers itself: Majordomo ``mmi.*`` (RFC 8) and ``remoterl.status``.
 
-Pure functions of the broker's state; no sockets. Replies are lists of frames for the
-body of an MDP client reply.
+Pure functions of a read-only view of the broker (:class:`BrokerView`, which
+:class:`~remoterl.broker.core.BrokerCore` provides); no sockets, no clock, and no import
+of the core, which calls :func:`answer` for Majordomo requests to these names. Replies
+are lists of frames for the body of an MDP client reply.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from remoterl.broker.core import BrokerCore
+from remoterl.broker.majordomo import MdpService, MdpWorker
+from remoterl.broker.mdpqueue import MdpQueue
+from remoterl.broker.peers import RLClient, RLWorker
+from remoterl.broker.placement import Slot
 
-__all__ = ["answer", "served", "status"]
+__all__ = ["BrokerView", "answer", "served", "status"]
 
 
-def answer(core: BrokerCore, service: bytes, body: list) -> list[bytes]:
+class BrokerView(Protocol):
+    """What the answers read of the broker: its tables, counters and a few facts
+    (nothing here changes them)."""
+
+    @property
+    def instance(self) -> str: ...
+    @property
+    def open_mode(self) -> bool: ...
+    @property
+    def wall_started(self) -> float | None: ...
+    @property
+    def workers(self) -> Mapping[bytes, RLWorker]: ...
+    @property
+    def clients(self) -> Mapping[bytes, RLClient]: ...
+    @property
+    def slots(self) -> Mapping[int, Slot]: ...
+    @property
+    def env_index(self) -> Mapping[str, set[bytes]]: ...
+    @property
+    def mdp_workers(self) -> Mapping[bytes, MdpWorker]: ...
+    @property
+    def mdp_services(self) -> Mapping[bytes, MdpService]: ...
+    @property
+    def mdp_queue(self) -> MdpQueue: ...
+    @property
+    def counters(self) -> Mapping[str, int]: ...
+    @property
+    def tenant_counters(self) -> Mapping[str, Mapping[str, int]]: ...
+
+    def tenant_of(self, key: Any) -> str | None: ...
+    def wall_clock(self) -> float | None: ...
+    def table_sizes(self) -> dict[str, int]: ...
+
+
+def answer(core: BrokerView, service: bytes, body: list) -> list[bytes]:
     """The reply body for an internal service request.
 
     ``mmi.service`` (RFC 8): ``200`` if the service named in the first body frame has
@@ -25,20 +63,20 @@ def answer(core: BrokerCore, service: bytes, body: list) -> list[bytes]:
     """
     if service == b"remoterl.status":
         # In key mode the API key is the first body frame, and the answer covers its tenant only.
-        tenant = "" if core.open_mode else core._tenant_of(bytes(body[0]).decode("utf-8", "replace") if body else None)
+        tenant = "" if core.open_mode else core.tenant_of(bytes(body[0]).decode("utf-8", "replace") if body else None)
         if tenant is None:
             return [json.dumps({"error": "auth", "msg": "remoterl.status needs a valid API key "
                                                         "(the first body frame)"}).encode()]
         return [json.dumps(status(core, tenant)).encode()]
     if service == b"mmi.service":
-        # Majordomo clients are served in open mode only (BrokerCore._on_mdp_client refuses
-        # mmi.* in key mode), where every peer is in tenant "".
+        # Majordomo clients are served in open mode only (Majordomo.on_client refuses mmi.*
+        # in key mode), where every peer is in tenant "".
         name = bytes(body[0]) if body else b""
         return [b"200" if served(core, name, "") else b"404"]
     return [b"501"]
 
 
-def served(core: BrokerCore, name: bytes, tenant: str) -> bool:
+def served(core: BrokerView, name: bytes, tenant: str) -> bool:
     """Whether ``name`` has a worker now, as ``mmi.service`` answers it (RFC 8: "200" when
     the service is available, "404" when not).
 
@@ -60,12 +98,14 @@ def served(core: BrokerCore, name: bytes, tenant: str) -> bool:
     return any(core.workers[w].tenant == tenant for w in core.env_index.get(env_id, ()))
 
 
-def status(core: BrokerCore, tenant: str | None = None) -> dict:
+def status(core: BrokerView, tenant: str | None = None) -> dict:
     """A JSON-able snapshot of the broker: workers, services, slots, clients, counters.
 
     With ``tenant``, only that tenant's workers, services and clients are listed (and no
     Majordomo peers); a tenant never learns of another's workers. In key mode the counters
     are the tenant's own (its peers' events) and the broker-wide table sizes are left out.
+    ``started`` and ``time`` are wall-clock times as the core knows them (None when it was
+    not told when it started).
     """
     workers = []
     mine = [w for w in core.workers.values() if tenant is None or w.tenant == tenant]
@@ -101,8 +141,8 @@ def status(core: BrokerCore, tenant: str | None = None) -> dict:
     clients = [c for c in core.clients.values() if tenant is None or c.tenant == tenant]
     snapshot = {
         "broker": core.instance,
-        "started": core._wall_started,
-        "time": time.time(),
+        "started": core.wall_started,
+        "time": core.wall_clock(),
         "workers": workers,
         "services": services,
         "clients": [{"id": c.id.hex(), **{k: v for k, v in c.info.items() if isinstance(v, (str, int))},

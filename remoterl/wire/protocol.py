@@ -56,6 +56,7 @@ __all__ = [
     "MDP_CLIENT",
     "MAX_CONTROL_HEADER",
     "MAX_FRAMES",
+    "MAX_MESSAGE_SIZE",
     "MAX_NAME",
     "MDP_WORKER",
     "PROTOCOL_VERSION",
@@ -94,6 +95,9 @@ MAX_FRAMES = 65_536
 MAX_CONTROL_HEADER = 64 * 1024
 # Characters of a peer's name, host or env id, and of a Majordomo service name.
 MAX_NAME = 256
+# Bytes of one message, by default (``remoterl-broker --max-message-size``; the broker tells
+# its peers its own limit in WELCOME).
+MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 # Frame-0 signatures of the remoterl extension (the command byte follows).
 RL_CLIENT = b"RLC1"
