@@ -8,7 +8,7 @@ stops them in order at shutdown.
 
 The broker runs in a thread of the trainer by default, and takes the shortest path
 it can: the trainer's client is an in-process peer that runs the broker's loop in its
-own thread while it waits (``remoterl.client.connection.LocalClient``), and each worker
+own thread while it waits (``remoterl.io.inprocess.InProcessTransport``), and each worker
 process talks to the broker over a local link, one end of a ``socket.socketpair()``
 (``remoterl.io.link``), so a step wakes only the worker and then the trainer, where
 zmq would also wake the I/O threads of both. Other processes (SB3's

@@ -354,10 +354,9 @@ class InProcessBroker:
         return proc
 
     def local_client(self):
-        from remoterl.broker.loop import in_process
-        from remoterl.client.connection import LocalClient
+        from remoterl.client.connection import connect_client
 
-        return LocalClient(in_process(self.inproc), self.inproc, timeout=T).connect()
+        return connect_client(self.inproc, timeout=T)
 
     def close(self) -> None:
         for proc in self.workers:
@@ -376,11 +375,10 @@ def in_process():
 
 def test_in_process_client_and_tcp_client_share_a_link_worker(in_process):
     from remoterl import RemoteEnvVec
-    from remoterl.client.connection import LocalClient
 
     in_process.link_worker("linked")
     local = in_process.local_client()
-    assert isinstance(local, LocalClient)
+    assert local.in_process
     remote = Client(in_process.url, timeout=T).connect()
     try:
         envs = [RemoteEnvVec("CartPole-v1", 4, client=c) for c in (local, remote)]

@@ -335,7 +335,7 @@ TRAINER = textwrap.dedent("""
     for _ in range(10):
         envs.step(envs.action_space.sample())
     # The fast path: the trainer drives the broker thread itself, its worker is on a local link.
-    assert type(remoterl.lifecycle.get_client()).__name__ == "LocalClient"
+    assert remoterl.lifecycle.get_client().in_process
     assert len(remoterl.lifecycle.settings().embedded._broker_thread._links) == 1
     print("PIDS", *remoterl.lifecycle.settings().embedded.pids, flush=True)
 """)

@@ -22,13 +22,13 @@ import time
 import zmq
 
 from remoterl.wire import protocol as p
-from remoterl.io.link import Link, LinkClosed
+from remoterl.io.link import Link, LinkClosed, LinkTransport
 from remoterl.io.process import keep_signals_for_main_thread
-from remoterl.io.zmqio import recv_frames, send_frames
-from remoterl.errors import AuthenticationError, LimitExceededError, ProtocolError, error_from_wire
+from remoterl.errors import AuthenticationError, LimitExceededError, error_from_wire
 from remoterl.io.dealer import connect_dealer, no_answer_hint
 from remoterl.io.heartbeat import HeartbeatSocket
 from remoterl.io.security import curve_serverkey_from_env
+from remoterl.io.transport import Transport, ZmqTransport
 from remoterl.io.wsgateway import resolve_endpoint
 from remoterl.wire.protocol import WorkerCommand as W
 from remoterl.workers.runtime import SlotHost
@@ -65,11 +65,10 @@ class WorkerLoop:
         self.liveness = liveness
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self._ctx = context or zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
-        # A local link to the embedded broker (remoterl.io.link) carries what the main socket
-        # would; heartbeats still go over zmq to ``url``.
-        self._link = link
-        self._inbox: list[list] = []  # messages read from the link, not yet served
+        # The main channel: a local link to the embedded broker (remoterl.io.link; it stays for
+        # the worker's life, and heartbeats still go over zmq to ``url``), or a DEALER made
+        # afresh by each _connect().
+        self._transport: Transport | None = LinkTransport(link, heartbeat * liveness) if link is not None else None
         self.identity = b""
         self.registered = threading.Event()
         self._stopping = False
@@ -126,7 +125,8 @@ class WorkerLoop:
         self._close_socket()
         self.registered.clear()
         self._reconnect.clear()
-        self._inbox = []  # calls of the session that ended die with it
+        if isinstance(self._transport, LinkTransport):
+            self._transport.drop_received()  # calls of the session that ended die with it
         ready_header = {
             "v": p.PROTOCOL_VERSION, "envs": self.host.served(), "capacity": self.host.capacity,
             "name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
@@ -134,7 +134,7 @@ class WorkerLoop:
         if self._api_key:
             ready_header["key"] = self._api_key
         ready = [p.worker_frame(W.READY), p.encode_header(ready_header)]
-        if self._link is not None:  # the broker names us in WELCOME
+        if isinstance(self._transport, LinkTransport):  # the broker names us in WELCOME
             self._send(ready)
             log.info("worker %s: READY sent to %s", self.name, self.url)
             return True
@@ -160,39 +160,19 @@ class WorkerLoop:
             if not self._stopping:
                 self._no_answer(no_answer_hint(self.url, seen))
             return False
-        self._sock, self._plain = connected
+        sock, self._plain = connected
+        self._transport = ZmqTransport(sock, head=3, blocking=True, linger=0.5)
         log.info("worker %s: READY sent to %s", self.name, self.url)
         return True
 
-    def _send(self, frames: list, copy: bool = True) -> None:
-        if self._link is not None:
-            try:
-                self._link.send_all(frames, timeout=self.heartbeat * self.liveness)
-            except TimeoutError as exc:  # the broker stopped reading: as good as gone
-                raise LinkClosed(f"the broker has not read our link for {self.heartbeat * self.liveness:g} s") from exc
-        else:
-            assert self._sock is not None
-            send_frames(self._sock.send, frames, copy=copy)
+    def _send(self, frames: list) -> None:
+        assert self._transport is not None
+        self._transport.send(frames)
 
     def _receive(self) -> list | None:
         """The next message, or None when none came within a heartbeat."""
-        if self._link is not None:
-            if not self._inbox:
-                try:
-                    self._inbox = self._link.wait(self.heartbeat)
-                except ProtocolError as exc:  # garbled: nothing after it can be trusted
-                    raise LinkClosed(f"the link broke: {exc}") from exc
-                if not self._inbox:
-                    return None
-                self._inbox.reverse()
-            return self._inbox.pop()
-        assert self._sock is not None
-        try:
-            frame0 = self._sock.recv()
-        except zmq.Again:
-            return None
-        # Signature, client id and header as bytes; array frames as zmq.Frame (no copy).
-        return recv_frames(self._sock, 3, frame0)
+        assert self._transport is not None
+        return self._transport.receive(self.heartbeat)
 
     def _welcome(self, frames: list) -> None:
         header = p.decode_header(frames[1])
@@ -224,9 +204,7 @@ class WorkerLoop:
     # --- serving --------------------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        if self._sock is not None:
-            # Block in recv for at most a heartbeat, so stop and reconnect flags are seen.
-            self._sock.setsockopt(zmq.RCVTIMEO, max(1, int(self.heartbeat * 1000)))
+        # Receives wait at most a heartbeat, so stop and reconnect flags are seen.
         host, receive, send = self.host, self._receive, self._send
         reconnect = self._reconnect.is_set
         deadline = time.monotonic() + self.heartbeat * self.liveness
@@ -244,9 +222,9 @@ class WorkerLoop:
             if frames[0] == _CALL and len(frames) >= 3:
                 client = frames[1]
                 header, out = host.call(client, frames[2], frames, 3)
-                # Small replies: copy=True is cheaper; big arrays: no copy (the arrays are
-                # fresh per reply, so nothing changes them while zmq sends).
-                send([_REPLY, client, header, *out], copy=not out)
+                # Big arrays go without a copy: they are fresh per reply, so nothing changes
+                # them while zmq sends.
+                send([_REPLY, client, header, *out])
             else:
                 self._control(frames[0], frames)
 
@@ -341,28 +319,16 @@ class WorkerLoop:
 
     def _disconnect(self) -> None:
         self._stopping = True
-        if self.registered.is_set():
-            try:
-                if self._link is not None:
-                    self._link.send([p.worker_frame(W.DISCONNECT)])  # best effort: no wait
-                elif self._sock is not None:
-                    self._sock.send_multipart([p.worker_frame(W.DISCONNECT)], zmq.NOBLOCK)
-            except (zmq.ZMQError, LinkClosed):
-                pass
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close([p.worker_frame(W.DISCONNECT)] if self.registered.is_set() else None)
         self.host.close_all()
-        self._close_socket(linger_ms=500)
-        if self._link is not None:
-            try:
-                self._link.flush()
-            except LinkClosed:
-                pass
-            self._link.close()
         if self._hb_thread is not None:
             self._hb_thread.join(2.0)
         log.info("worker %s stopped", self.name)
 
-    def _close_socket(self, linger_ms: int = 0) -> None:
-        if self._sock is not None:
-            self._sock.setsockopt(zmq.LINGER, linger_ms)
-            self._sock.close()
-            self._sock = None
+    def _close_socket(self) -> None:
+        """Close the DEALER of a session that ended (a link stays: it is the worker's for life)."""
+        if isinstance(self._transport, ZmqTransport):
+            self._transport.close()
+            self._transport = None

@@ -1,14 +1,18 @@
-"""The client's I/O: a DEALER socket to the broker, and a heartbeat thread with its own.
+"""A trainer's connection to a broker: the session (sans-I/O) over a transport.
 
 :class:`Client` is what ``RemoteEnv`` and ``RemoteEnvVec`` are built on. It says
 HELLO, opens slots, sends batched calls to the workers that hold them (one message
-per worker) and waits for the replies, every wait bounded by a timeout.
+per worker) and waits for the replies, every wait bounded by a timeout. What the
+messages say is the session's business (:class:`~remoterl.client.session.ClientCore`);
+how they travel is the transport's (:mod:`remoterl.io.transport`): a DEALER socket, or,
+for a broker running in this process (the embedded default), the broker's own loop
+(:class:`~remoterl.io.inprocess.InProcessTransport`, picked by :func:`connect_client`).
 
-The heartbeat thread pings the broker every ``heartbeat`` seconds from its own socket,
-naming the main socket's routing id, so a trainer busy for minutes in a gradient
-update keeps its slots. It also notices a broker that went silent or forgot this
-session (restarted); pending and later calls then fail with a typed error instead of
-hanging.
+A heartbeat thread pings the broker every ``heartbeat`` seconds from its own socket
+(:mod:`remoterl.io.heartbeat`), naming the main socket's routing id, so a trainer busy
+for minutes in a gradient update keeps its slots. It also notices a broker that went
+silent or forgot this session (restarted); pending and later calls then fail with a
+typed error instead of hanging.
 
 A ``Client`` is used by one thread at a time (a lock guards it); each process makes
 its own.
@@ -16,54 +20,36 @@ its own.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from remoterl.wire import codec
-from remoterl.io.zmqio import recv_frames, send_frames
-from remoterl.wire import protocol as p
-from remoterl.io.process import keep_signals_for_main_thread
-from remoterl.client.session import ClientCore, Pending
-from remoterl.errors import (
-    AuthenticationError,
-    BrokerUnavailableError,
-    error_from_wire,
-    MessageTooLargeError,
-    ProtocolError,
-    RemoteTimeoutError,
-    WorkerLostError,
-)
-from remoterl.wire.protocol import ClientCommand as C
+from remoterl.client.session import ClientCore, Opened, Pending
+from remoterl.errors import BrokerUnavailableError, ProtocolError, WorkerLostError
 from remoterl.io.dealer import connect_dealer, no_answer_hint
 from remoterl.io.heartbeat import HeartbeatSocket
+from remoterl.io.inprocess import InProcessBroker, InProcessTransport, broker_at
+from remoterl.io.process import keep_signals_for_main_thread
 from remoterl.io.security import curve_serverkey_from_env
+from remoterl.io.transport import Transport, ZmqTransport
 from remoterl.io.wsgateway import resolve_endpoint
+from remoterl.wire import protocol as p
+from remoterl.wire.protocol import ClientCommand as C
 
-__all__ = ["Client", "LocalClient", "Opened", "connect_client"]
+__all__ = ["Client", "Opened", "connect_client"]
 
 log = logging.getLogger(__name__)
 
-_CALL = p.client_frame(C.CALL)
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
-
-
-@dataclass
-class Opened:
-    """The answer to :meth:`Client.open`: slots in order, their workers, the env's description."""
-
-    slots: list[int]
-    workers: list[bytes]
-    env: dict
+# Messages queued per direction on the main socket before zmq blocks (a vector of many
+# workers sends one message per worker per step).
+_HWM = 10_000
 
 
 class Client:
@@ -77,12 +63,14 @@ class Client:
         api_key: presented in HELLO; default ``$REMOTERL_API_KEY`` via ``remoterl.init``.
         curve_serverkey: the broker's CURVE public key (default ``$REMOTERL_CURVE_SERVERKEY``):
             tcp traffic is then encrypted and the broker authenticated.
+        in_process: a broker running in this process, bound at ``url``: reached without a
+            socket (:func:`connect_client` finds it).
     """
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, name: str | None = None,
                  api_key: str | None = None, curve_serverkey: str | bytes | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, in_process: InProcessBroker | None = None) -> None:
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -90,22 +78,26 @@ class Client:
         self._api_key = api_key
         self._curve = curve_serverkey if curve_serverkey is not None else curve_serverkey_from_env()
         self._ctx = context or zmq.Context.instance()
+        self._in_process = in_process
         self.core = ClientCore()
         self.identity = b"C" + os.urandom(15)
         self.heartbeat = 1.0
         self.liveness = 3
-        self.max_message_size = 64 * 1024 * 1024
+        self.max_message_size = p.MAX_MESSAGE_SIZE
         self.broker_instance: str | None = None
         self._lock = threading.RLock()
-        self._sock: zmq.Socket | None = None
+        self._transport: Transport | None = None
         self._connected = False  # between connect() and close()
-        self._lost: str | None = None
         self._closed = False
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._pid = os.getpid()
-        self._endpoint = url
         self._plain = False  # PLAIN credentials got the main socket through the handshake
+
+    @property
+    def in_process(self) -> bool:
+        """True when the broker runs in this process and is reached without a socket."""
+        return self._in_process is not None
 
     # --- session --------------------------------------------------------------------------------
 
@@ -113,64 +105,64 @@ class Client:
         """Say HELLO and wait for WELCOME; start heartbeats.
 
         Raises:
-            BrokerUnavailableError: no answer within ``connect_timeout`` (says the URL and
-                how to start a broker).
+            BrokerUnavailableError: no answer within ``connect_timeout`` (says the URL, what
+                to check and how to start a broker), or the in-process broker has stopped.
             AuthenticationError: the broker refused the API key, at the connection handshake
-                (``remoterl.io.security.connect_dealer``) or in answer to HELLO.
+                (``remoterl.io.dealer.connect_dealer``) or in answer to HELLO.
         """
+        hello = self.core.hello({"name": self.name, "pid": os.getpid(), "host": socket.gethostname()},
+                                self._api_key)
+        try:
+            if self._in_process is not None:
+                first = self._connect_in_process(self._in_process, hello)
+            else:
+                first = self._connect_socket(hello)
+            self._welcomed(first)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _connect_socket(self, hello: list) -> list:
         seen: set[str] = set()
         try:
             # ws:// and wss:// go through this process's WebSocket gateway (an inproc endpoint).
-            self._endpoint = resolve_endpoint(self.url, context=self._ctx)
+            endpoint = resolve_endpoint(self.url, context=self._ctx)
             # Sends HELLO and waits for the answer, watching the tcp handshake (a key-mode
             # broker checks the key there): AuthenticationError at once on a refused key.
             connected = connect_dealer(
-                self._ctx, self.url, self._endpoint, self._hello(), self.connect_timeout,
+                self._ctx, self.url, endpoint, hello, self.connect_timeout,
                 api_key=self._api_key, serverkey=self._curve, seen=seen,
-                options=((zmq.ROUTING_ID, self.identity), (zmq.SNDHWM, 10_000), (zmq.RCVHWM, 10_000)))
+                options=((zmq.ROUTING_ID, self.identity), (zmq.SNDHWM, _HWM), (zmq.RCVHWM, _HWM)))
         except (zmq.ZMQError, ValueError) as exc:
             raise BrokerUnavailableError(f"invalid broker URL {self.url!r}: {exc}") from exc
-        except AuthenticationError:
-            self.close()
-            raise
         if connected is None:
-            self.close()
             raise BrokerUnavailableError(
                 f"no remoterl broker answered at {self.url} within {self.connect_timeout:g} s: "
-                f"{no_answer_hint(self.url, seen)}. Start one with: remoterl-broker --bind {self.url}  (or call remoterl.init() "
-                f"without a broker URL to use an embedded one)")
+                f"{no_answer_hint(self.url, seen)}. Start one with: remoterl-broker --bind {self.url}  "
+                f"(or call remoterl.init() without a broker URL to use an embedded one)")
         sock, self._plain = connected
-        self._sock = sock
+        self._transport = ZmqTransport(sock)
         self._connected = True
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        self._poll = poller.poll  # reused: half the cost of Socket.poll per call
-        self._welcomed(sock.recv_multipart())
-        return self
+        return sock.recv_multipart()
 
-    def _hello(self) -> list[bytes]:
-        hello = {"v": p.PROTOCOL_VERSION, "name": self.name, "pid": os.getpid(), "host": socket.gethostname()}
-        if self._api_key:
-            hello["key"] = self._api_key
-        return [p.client_frame(C.HELLO), p.encode_header(hello)]
+    def _connect_in_process(self, broker: InProcessBroker, hello: list) -> list:
+        transport = InProcessTransport(broker, self.identity)
+        self._transport = transport
+        self._connected = True
+        transport.send(hello)
+        first = transport.receive(0)  # the core answers HELLO at once
+        if first is None:
+            raise ProtocolError(f"the broker at {self.url} did not answer HELLO")
+        return first
 
     def _welcomed(self, frames: list) -> None:
-        """Take the broker's answer to HELLO; start heartbeats (closes and raises on a refusal)."""
-        if p.as_bytes(frames[0]) == p.client_frame(C.ERROR) and len(frames) >= 2:
-            self.close()
-            raise error_from_wire(p.decode_header(frames[1]))  # AuthenticationError, LimitExceededError
-        if p.as_bytes(frames[0]) != p.client_frame(C.WELCOME) or len(frames) < 2:
-            self.close()
-            raise ProtocolError(f"the peer at {self.url} did not answer like a remoterl broker")
-        welcome = p.decode_header(frames[1])
-        # The broker names us as it sees us (a WebSocket bridge assigns its own ids).
-        you = welcome.get("you")
-        if isinstance(you, bytes) and you:
-            self.identity = you
-        self.heartbeat = float(welcome.get("heartbeat", self.heartbeat))
-        self.liveness = int(welcome.get("liveness", self.liveness))
-        self.max_message_size = int(welcome.get("max_message_size", self.max_message_size))
-        self.broker_instance = welcome.get("broker")
+        """Take the broker's answer to HELLO; start heartbeats."""
+        welcome = self.core.welcome(frames, self.url)  # AuthenticationError, LimitExceededError...
+        if welcome.identity is not None:
+            self.identity = welcome.identity
+        self.heartbeat, self.liveness = welcome.heartbeat, welcome.liveness
+        self.max_message_size, self.broker_instance = welcome.max_message_size, welcome.broker
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="remoterl-client-heartbeat", daemon=True)
         self._hb_thread.start()
 
@@ -179,9 +171,9 @@ class Client:
         """Why this client lost its broker (silent, restarted, stopped), or None while it has it.
 
         A lost client stays lost: every call raises ``BrokerUnavailableError``. The process's
-        client registry (``remoterl.client.registry.get_client``) replaces it with a fresh one on the
-        next env, so a new env after a broker restart just works."""
-        return self._lost
+        client registry (``remoterl.client.registry.get_client``) replaces it with a fresh one
+        on the next env, so a new env after a broker restart just works."""
+        return self.core.lost
 
     @property
     def closed(self) -> bool:
@@ -196,20 +188,12 @@ class Client:
         self._connected = False
         self._hb_stop.set()
         with self._lock:
-            self._leave(os.getpid() == self._pid and self._lost is None)
+            transport, self._transport = self._transport, None
+            if transport is not None:
+                say_goodbye = os.getpid() == self._pid and self.core.lost is None
+                transport.close(self.core.disconnect() if say_goodbye else None)
         if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
             self._hb_thread.join(2.0)
-
-    def _leave(self, say_disconnect: bool) -> None:
-        if self._sock is not None:
-            if say_disconnect:
-                try:
-                    self._sock.send_multipart([p.client_frame(C.DISCONNECT), p.encode_header({})], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-                self._sock.setsockopt(zmq.LINGER, 200)
-            self._sock.close()
-            self._sock = None
 
     def __enter__(self) -> Client:
         return self if self._connected else self.connect()
@@ -237,29 +221,19 @@ class Client:
             RemoteEnvError: the env failed to construct on a worker.
         """
         with self._lock:
-            entry = self.core.new_request()
-            header = {"r": entry.r, "env": env_id, "n": n, "kwargs": kwargs or {}}
-            if max_workers is not None:
-                header["max_workers"] = max_workers
-            if opts:
-                header["opts"] = opts
-            self._send([p.client_frame(C.OPEN), p.encode_header(header)])
+            entry, frames = self.core.open(env_id, n, kwargs, opts, max_workers)
+            self._send(frames)
             reply = self._wait_one(entry, timeout if timeout is not None else max(self.timeout, 120.0))
-            slots = [s for s, _ in reply["slots"]]
-            workers = [w for _, w in reply["slots"]]
-            self.core.add_slots(slots, workers)
-            env = codec.decode(reply["env"]) if reply.get("env") is not None else {}
-            return Opened(slots, workers, env)
+            return self.core.opened(reply)
 
     def close_slots(self, slots: list[int], timeout: float | None = None) -> None:
         """Close slots; their envs are closed on the workers. Lost slots are just forgotten."""
         with self._lock:
-            live = [s for s in slots if s in self.core.slots and self.core.slots[s].lost is None]
-            self.core.mark_closed(slots)
-            if not live or not self._connected or self._lost is not None:
+            request = self.core.close(slots)
+            if request is None or not self._connected:
                 return
-            entry = self.core.new_request()
-            self._send([p.client_frame(C.CLOSE), p.encode_header({"r": entry.r, "slots": live})])
+            entry, frames = request
+            self._send(frames)
             try:
                 self._wait_one(entry, timeout if timeout is not None else self.timeout)
             except (BrokerUnavailableError, WorkerLostError):
@@ -272,8 +246,8 @@ class Client:
             ``{"id", "accepted": [worker names], "refused": {worker name: reason}}``.
         """
         with self._lock:
-            entry = self.core.new_request()
-            self._send([p.client_frame(C.REGISTER), p.encode_header({"r": entry.r, "spec": spec})])
+            entry, frames = self.core.register(spec)
+            self._send(frames)
             return self._wait_one(entry, timeout if timeout is not None else self.timeout)
 
     # --- calls ----------------------------------------------------------------------------------------
@@ -290,15 +264,11 @@ class Client:
             MessageTooLargeError: the message is over the broker's limit.
         """
         with self._lock:
-            self.core.check_slots(slots)
-            entry = self.core.new_request(worker)
-            request["r"] = entry.r
-            request["slots"] = slots
+            entry, frames = self.core.call(worker, slots, request, name)
             try:
-                header, frames = codec.encode(request, name=name)
-                self._send([_CALL, worker, header, *frames])
+                self._send(frames)
             except BaseException:
-                self.core.forget(entry)  # nothing left: no reply will ever come for it
+                self.core.forget(entry)  # nothing sent: no reply will ever come for it
                 raise
             return entry
 
@@ -325,21 +295,16 @@ class Client:
 
     # --- internals -----------------------------------------------------------------------------------
 
-    def _check_send(self, frames: list) -> None:
-        if not self._connected:
-            raise BrokerUnavailableError("this client is closed" if self._closed else "this client is not connected")
-        if self._lost is not None:
-            raise BrokerUnavailableError(self._lost)
-        size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
-        if size > self.max_message_size:
-            raise MessageTooLargeError(
-                f"message of {size} bytes exceeds the broker's limit of {self.max_message_size} bytes "
-                f"(remoterl-broker --max-message-size)")
-
     def _send(self, frames: list) -> None:
-        self._check_send(frames)
-        # copy=True is cheaper for small frames; arrays (only present when big) go without a copy.
-        send_frames(self._sock.send, frames, copy=len(frames) <= 3)
+        transport = self._transport
+        if not self._connected or transport is None:
+            raise BrokerUnavailableError("this client is closed" if self._closed else "this client is not connected")
+        self.core.check_send(frames, self.max_message_size)
+        try:
+            transport.send(frames)
+        except BrokerUnavailableError as exc:  # the in-process broker has stopped
+            self.core.mark_lost(str(exc))
+            raise
 
     def _wait_one(self, entry: Pending, timeout: float) -> Any:
         self._wait_until([entry], time.monotonic() + timeout)
@@ -348,23 +313,31 @@ class Client:
         return entry.result
 
     def _wait_until(self, entries: list[Pending], deadline: float) -> None:
-        sock = self._sock
-        if sock is None:
+        transport = self._transport
+        if not self._connected or transport is None:
             raise BrokerUnavailableError("this client is closed")
-        core, poll = self.core, self._poll
-        for entry in entries:
-            while not entry.done:
-                if self._lost is not None:
-                    core.lose_all(self._lost, BrokerUnavailableError)
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._timed_out(entries, entry)
-                # Wake at least once a heartbeat to notice a lost broker.
-                if not poll(min(remaining, self.heartbeat) * 1000):
-                    continue
-                # Signature and header as bytes; array frames as zmq.Frame (no copy).
-                self._take(recv_frames(sock, 2))
+        core, receive, take, monotonic = self.core, transport.receive, self._take, time.monotonic
+        try:
+            with transport.waiting():
+                for entry in entries:
+                    while not entry.done:
+                        if core.lost is not None:
+                            frames = receive(0)  # what has arrived still counts
+                            if frames is None:
+                                core.lose_all(core.lost, BrokerUnavailableError)
+                                break
+                            take(frames)
+                            continue
+                        remaining = deadline - monotonic()
+                        if remaining <= 0:
+                            raise core.timed_out(entries, entry, self.url)
+                        # Wake at least once a heartbeat to notice a lost broker.
+                        frames = receive(min(remaining, self.heartbeat))
+                        if frames is not None:
+                            take(frames)
+        except BrokerUnavailableError as exc:  # the in-process broker has stopped
+            core.mark_lost(str(exc))
+            core.lose_all(str(exc), BrokerUnavailableError)
 
     def _take(self, frames: list) -> None:
         try:
@@ -372,24 +345,13 @@ class Client:
         except ProtocolError as exc:
             log.warning("dropping a malformed message from the broker: %s", exc)
 
-    def _timed_out(self, entries: list[Pending], entry: Pending) -> RemoteTimeoutError:
-        for e in entries:
-            if not e.done:
-                self.core.forget(e)
-        return RemoteTimeoutError(
-            f"no reply from {'worker ' + entry.worker.hex()[:12] if entry.worker else 'the broker'} "
-            f"within the timeout (broker {self.url})")
-
     def _heartbeat_loop(self) -> None:
         """Ping the broker; notice when it goes silent or forgets this session."""
         keep_signals_for_main_thread()
         # The credentials that got the main socket through the handshake.
         beats = HeartbeatSocket(self._ctx, self.url, serverkey=self._curve,
                                 api_key=self._api_key if self._plain else None)
-        frame = p.client_frame(C.HEARTBEAT)
-        ping = {"id": self.identity}
-        if self._api_key:
-            ping["key"] = self._api_key
+        frame, ping = p.client_frame(C.HEARTBEAT), self.core.ping(self.identity, self._api_key)
         last_pong = time.monotonic()
         try:
             while not self._hb_stop.is_set():
@@ -399,13 +361,13 @@ class Client:
                     last_pong = time.monotonic()
                     if not pong.get("known", True) and not self._hb_stop.is_set():
                         # (While closing, our own DISCONNECT may already have ended the session.)
-                        self._lost = (f"the broker at {self.url} no longer knows this client "
-                                      f"(it restarted, or expired the session); its slots are gone")
-                if self._lost is None and time.monotonic() - last_pong > self.heartbeat * self.liveness:
-                    self._lost = (f"lost contact with the broker at {self.url}: no heartbeat for "
-                                  f"{time.monotonic() - last_pong:.1f} s")
-                if self._lost is not None:
-                    log.warning("%s", self._lost)
+                        self.core.mark_lost(f"the broker at {self.url} no longer knows this client "
+                                            f"(it restarted, or expired the session); its slots are gone")
+                if time.monotonic() - last_pong > self.heartbeat * self.liveness:
+                    self.core.mark_lost(f"lost contact with the broker at {self.url}: no heartbeat for "
+                                        f"{time.monotonic() - last_pong:.1f} s")
+                if self.core.lost is not None:
+                    log.warning("%s", self.core.lost)
                     return
                 self._hb_stop.wait(max(0.0, deadline - time.monotonic()))
         except Exception:
@@ -415,106 +377,10 @@ class Client:
 
 
 def connect_client(url: str, **kwargs: Any) -> Client:
-    """A connected client for ``url``: a :class:`LocalClient` when a broker of this process
-    is bound there (the embedded default's ``inproc://`` endpoint), else a :class:`Client`.
+    """A connected client for ``url``, reaching a broker that runs in this process (bound at
+    that ``inproc://`` endpoint: the embedded default) without a socket.
 
     Args:
         **kwargs: as for :class:`Client`.
     """
-    local = _in_process_broker(url)
-    if local is not None:  # the broker's thread is ours: no socket hop to it
-        return LocalClient(local, url, **kwargs).connect()
-    return Client(url, **kwargs).connect()
-
-
-def _in_process_broker(url: str) -> Any:
-    # Never imports the broker package: only a process that started a broker has one.
-    loop = sys.modules.get("remoterl.broker.loop")
-    return loop.in_process(url) if loop is not None and url.startswith("inproc://") else None
-
-
-class LocalClient(Client):
-    """A client of a broker that runs in this process (the embedded default's thread).
-
-    It has no socket of its own for calls: it hands its messages straight to the broker's
-    core and, while it waits for a reply, runs the broker's loop in its own thread
-    (``remoterl.broker.loop``, "in-process peers"), which saves two thread wake-ups per
-    round trip. Heartbeats still travel on the heartbeat thread's own socket over the
-    broker's ``inproc://`` endpoint, so a trainer busy for minutes keeps its slots.
-
-    Args:
-        broker: the running :class:`remoterl.broker.loop.Broker` of this process.
-        url: its ``inproc://`` endpoint (what :func:`remoterl.broker.loop.in_process` found it by).
-    """
-
-    def __init__(self, broker: Any, url: str, **kwargs: Any) -> None:
-        super().__init__(url, **kwargs)
-        self._broker = broker
-        # Messages for this client, put here by whichever thread runs the broker's loop.
-        self._inbox: collections.deque = collections.deque()
-
-    def connect(self) -> LocalClient:
-        """Say HELLO to the in-process broker and take its WELCOME; start heartbeats.
-
-        Raises:
-            BrokerUnavailableError: the broker has stopped.
-        """
-        self._broker.attach(self.identity, self._inbox.append)
-        self._connected = True
-        try:
-            self._submit(self._hello())
-        except BrokerUnavailableError:
-            self.close()
-            raise
-        if not self._inbox:  # the core answers HELLO at once; nothing means it dropped it
-            self.close()
-            raise ProtocolError(f"the broker at {self.url} did not answer HELLO")
-        self._welcomed(self._inbox.popleft())
-        return self
-
-    def _submit(self, frames: list) -> None:
-        try:
-            with self._broker.driving() as broker:
-                broker.submit(self.identity, frames)
-        except BrokerUnavailableError as exc:
-            self._lost = str(exc)
-            raise
-
-    def _leave(self, say_disconnect: bool) -> None:
-        if say_disconnect:
-            try:
-                self._submit([p.client_frame(C.DISCONNECT), p.encode_header({})])
-            except BrokerUnavailableError:
-                pass
-        self._broker.detach(self.identity)
-
-    def _send(self, frames: list) -> None:
-        self._check_send(frames)
-        if len(frames) > 3:  # arrays (only present when big) travel on without a copy
-            frames = [f if type(f) is bytes else zmq.Frame(f, copy=False) for f in frames]
-        self._submit(frames)
-
-    def _wait_until(self, entries: list[Pending], deadline: float) -> None:
-        if not self._connected:
-            raise BrokerUnavailableError("this client is closed")
-        core, inbox, monotonic = self.core, self._inbox, time.monotonic
-        try:
-            with self._broker.driving() as broker:
-                for entry in entries:
-                    while not entry.done:
-                        if inbox:
-                            self._take(inbox.popleft())
-                            continue
-                        if self._lost is not None:
-                            core.lose_all(self._lost, BrokerUnavailableError)
-                            break
-                        remaining = deadline - monotonic()
-                        if remaining <= 0:
-                            raise self._timed_out(entries, entry)
-                        if broker.stopping:
-                            self._lost = f"the broker at {self.url} has stopped"
-                            continue
-                        broker.serve(min(remaining, self.heartbeat))
-        except BrokerUnavailableError as exc:  # stopped before we got the loop
-            self._lost = str(exc)
-            core.lose_all(self._lost, BrokerUnavailableError)
+    return Client(url, in_process=broker_at(url), **kwargs).connect()

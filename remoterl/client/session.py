@@ -17,6 +17,13 @@ takes a message from the broker and completes pending entries:
 Slot states: open → closed (by the owner: :class:`EnvClosedError` on use) or
 open → lost (worker or broker gone: :class:`WorkerLostError` on use). Neither goes
 back to open.
+
+The session also builds every message a client sends (HELLO, OPEN, CLOSE, REGISTER,
+CALL, DISCONNECT, the heartbeat's ping) and reads the broker's WELCOME, and it owns the
+session's fate: :attr:`ClientCore.lost` says why the broker is gone (set by whoever
+notices: the heartbeat thread, a stopped in-process broker), after which every pending
+and later request fails with ``BrokerUnavailableError``; a request not answered in time
+is forgotten (:meth:`ClientCore.timed_out`) so that its late answer is dropped.
 """
 
 from __future__ import annotations
@@ -28,19 +35,45 @@ from typing import Any
 from remoterl.wire import codec
 from remoterl.wire import protocol as p
 from remoterl.errors import (
+    BrokerUnavailableError,
     EnvClosedError,
+    MessageTooLargeError,
     ProtocolError,
     RemoteRLError,
+    RemoteTimeoutError,
     WorkerLostError,
     error_from_wire,
 )
 from remoterl.wire.protocol import ClientCommand as C
 
-__all__ = ["ClientCore", "Pending"]
+__all__ = ["ClientCore", "Opened", "Pending", "Welcome"]
 
 log = logging.getLogger(__name__)
 
 _REPLY = p.client_frame(C.REPLY)
+_CALL = p.client_frame(C.CALL)
+_ERROR = p.client_frame(C.ERROR)
+_WELCOME = p.client_frame(C.WELCOME)
+
+
+@dataclass
+class Welcome:
+    """What the broker said in WELCOME: how it names this client, its timing and limits."""
+
+    identity: bytes | None
+    heartbeat: float
+    liveness: int
+    max_message_size: int
+    broker: str | None
+
+
+@dataclass
+class Opened:
+    """The answer to an OPEN: slots in order, their workers, the env's description."""
+
+    slots: list[int]
+    workers: list[bytes]
+    env: dict
 
 
 @dataclass(eq=False)
@@ -66,11 +99,134 @@ class _SlotState:
 
 @dataclass
 class ClientCore:
-    """Bookkeeping of one client session."""
+    """Bookkeeping of one client session, and every message it sends."""
 
     slots: dict[int, _SlotState] = field(default_factory=dict)
     pending: dict[int, Pending] = field(default_factory=dict)
+    lost: str | None = None
     _next_r: int = 1
+
+    # --- messages --------------------------------------------------------------------------
+
+    @staticmethod
+    def hello(info: dict, api_key: str | None = None) -> list[bytes]:
+        """HELLO: ``info`` (name, pid, host) as ``remoterl status`` shows it, and the key."""
+        header = {"v": p.PROTOCOL_VERSION, **info}
+        if api_key:
+            header["key"] = api_key
+        return [p.client_frame(C.HELLO), p.encode_header(header)]
+
+    @staticmethod
+    def welcome(frames: list, url: str) -> Welcome:
+        """Read the broker's answer to HELLO.
+
+        Raises:
+            AuthenticationError, LimitExceededError: the broker refused this client.
+            ProtocolError: the peer does not answer like a remoterl broker.
+        """
+        if p.as_bytes(frames[0]) == _ERROR and len(frames) >= 2:
+            raise error_from_wire(p.decode_header(frames[1]))
+        if p.as_bytes(frames[0]) != _WELCOME or len(frames) < 2:
+            raise ProtocolError(f"the peer at {url} did not answer like a remoterl broker")
+        header = p.decode_header(frames[1])
+        you = header.get("you")  # the broker names us as it sees us (a WebSocket bridge assigns ids)
+        return Welcome(you if isinstance(you, bytes) and you else None, float(header.get("heartbeat", 1.0)),
+                       int(header.get("liveness", 3)), int(header.get("max_message_size", p.MAX_MESSAGE_SIZE)),
+                       header.get("broker"))
+
+    @staticmethod
+    def ping(identity: bytes, api_key: str | None = None) -> dict:
+        """The heartbeat's ping header: it names the main socket's routing id."""
+        return {"id": identity, "key": api_key} if api_key else {"id": identity}
+
+    @staticmethod
+    def disconnect() -> list[bytes]:
+        return [p.client_frame(C.DISCONNECT), p.encode_header({})]
+
+    def open(self, env_id: str, n: int, kwargs: dict | None, opts: dict | None,
+             max_workers: int | None) -> tuple[Pending, list[bytes]]:
+        """OPEN ``n`` slots of ``env_id`` (read the answer with :meth:`opened`)."""
+        entry = self.new_request()
+        header = {"r": entry.r, "env": env_id, "n": n, "kwargs": kwargs or {}}
+        if max_workers is not None:
+            header["max_workers"] = max_workers
+        if opts:
+            header["opts"] = opts
+        return entry, [p.client_frame(C.OPEN), p.encode_header(header)]
+
+    def opened(self, reply: dict) -> Opened:
+        """Take OPENED: the slots are this session's from now on."""
+        slots = [s for s, _ in reply["slots"]]
+        workers = [w for _, w in reply["slots"]]
+        self.add_slots(slots, workers)
+        env = codec.decode(reply["env"]) if reply.get("env") is not None else {}
+        return Opened(slots, workers, env)
+
+    def close(self, slots: list[int]) -> tuple[Pending, list[bytes]] | None:
+        """Mark ``slots`` closed; CLOSE for the live ones, or None when there is nothing to tell
+        the broker (all lost, or the session is)."""
+        live = [s for s in slots if s in self.slots and self.slots[s].lost is None]
+        self.mark_closed(slots)
+        if not live or self.lost is not None:
+            return None
+        entry = self.new_request()
+        return entry, [p.client_frame(C.CLOSE), p.encode_header({"r": entry.r, "slots": live})]
+
+    def register(self, spec: dict) -> tuple[Pending, list[bytes]]:
+        """REGISTER a gymnasium registration (entry-point string, kwargs, spec fields)."""
+        entry = self.new_request()
+        return entry, [p.client_frame(C.REGISTER), p.encode_header({"r": entry.r, "spec": spec})]
+
+    def call(self, worker: bytes, slots: list[int], request: dict, name: str = "call") -> tuple[Pending, list]:
+        """CALL ``worker`` for ``slots`` with ``request`` (``r`` and ``slots`` filled in here).
+
+        Raises:
+            EnvClosedError, WorkerLostError: a slot cannot be used.
+            CodecError: a value cannot travel (names the key). Nothing is left pending.
+        """
+        self.check_slots(slots)
+        entry = self.new_request(worker)
+        request["r"] = entry.r
+        request["slots"] = slots
+        try:
+            header, frames = codec.encode(request, name=name)
+        except BaseException:
+            self.forget(entry)  # nothing sent: no reply will ever come for it
+            raise
+        return entry, [_CALL, worker, header, *frames]
+
+    def check_send(self, frames: list, max_message_size: int) -> None:
+        """Raise before sending on a lost session or an oversized message.
+
+        Raises:
+            BrokerUnavailableError: the session is lost.
+            MessageTooLargeError: the message is over the broker's limit.
+        """
+        if self.lost is not None:
+            raise BrokerUnavailableError(self.lost)
+        size = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        if size > max_message_size:
+            raise MessageTooLargeError(
+                f"message of {size} bytes exceeds the broker's limit of {max_message_size} bytes "
+                f"(remoterl-broker --max-message-size)")
+
+    # --- fate ------------------------------------------------------------------------------
+
+    def mark_lost(self, reason: str) -> None:
+        """The broker is gone (safe from any thread: the waiting thread fails what is pending)."""
+        if self.lost is None:
+            self.lost = reason
+
+    def timed_out(self, entries: list[Pending], entry: Pending, url: str) -> RemoteTimeoutError:
+        """Forget every unanswered entry (late answers are dropped); the error to raise."""
+        for e in entries:
+            if not e.done:
+                self.forget(e)
+        return RemoteTimeoutError(
+            f"no reply from {'worker ' + entry.worker.hex()[:12] if entry.worker else 'the broker'} "
+            f"within the timeout (broker {url})")
+
+    # --- bookkeeping -----------------------------------------------------------------------
 
     def new_request(self, worker: bytes | None = None) -> Pending:
         """Register a request and return its pending entry (send ``entry.r`` in the header)."""

@@ -20,6 +20,7 @@ and :meth:`Link.send_all` give the worker its blocking view.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -27,8 +28,9 @@ import time
 from typing import Any
 
 from remoterl.errors import ProtocolError
+from remoterl.wire import protocol as p
 
-__all__ = ["Link", "LinkClosed"]
+__all__ = ["Link", "LinkClosed", "LinkTransport"]
 
 _U32 = struct.Struct("<I")
 _SCRATCH = 1 << 16  # bytes read per recv; bigger messages get a buffer of their own
@@ -58,7 +60,7 @@ class Link:
             (:class:`ProtocolError` from :meth:`receive`).
     """
 
-    def __init__(self, sock: socket.socket, max_message_size: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, sock: socket.socket, max_message_size: int = p.MAX_MESSAGE_SIZE) -> None:
         sock.setblocking(False)
         # Big observations in few writes: the default ~200 KB buffer splits an 800 KB reply into
         # four wake-ups of each side. The kernel caps this at net.core.wmem_max.
@@ -280,3 +282,51 @@ def _skip(buffers: list[memoryview], sent: int) -> list[memoryview]:
 
 def _wait(poller: Any, timeout: float | None) -> None:
     poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+
+
+class LinkTransport:
+    """A worker's :class:`~remoterl.io.transport.Transport` over a link to the embedded broker.
+
+    Args:
+        link: the worker's end.
+        send_timeout: seconds a send may wait for the broker to read; past that the broker
+            is as good as gone (:class:`LinkClosed`).
+    """
+
+    def __init__(self, link: Link, send_timeout: float) -> None:
+        self.link = link
+        self.send_timeout = send_timeout
+        self._inbox: list[list] = []  # messages read, not yet taken (last first)
+
+    def send(self, frames: list) -> None:
+        try:
+            self.link.send_all(frames, timeout=self.send_timeout)
+        except TimeoutError as exc:
+            raise LinkClosed(f"the broker has not read our link for {self.send_timeout:g} s") from exc
+
+    def waiting(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def receive(self, timeout: float) -> list | None:
+        if not self._inbox:
+            try:
+                self._inbox = self.link.wait(timeout)
+            except ProtocolError as exc:  # garbled: nothing after it can be trusted
+                raise LinkClosed(f"the link broke: {exc}") from exc
+            if not self._inbox:
+                return None
+            self._inbox.reverse()
+        return self._inbox.pop()
+
+    def drop_received(self) -> None:
+        """Forget messages read but not taken (the session they belong to ended)."""
+        self._inbox = []
+
+    def close(self, goodbye: list | None = None) -> None:
+        try:
+            if goodbye is not None:
+                self.link.send(goodbye)  # best effort: no wait
+            self.link.flush()
+        except LinkClosed:
+            pass
+        self.link.close()
