@@ -240,7 +240,7 @@ class Session:
         """A new connected client (closed with its broker, or at the end of the case)."""
         from remoterl.transport import connect_client
 
-        # As remoterl.init() does: a LocalClient for the embedded broker's thread.
+        # As remoterl.init() does: a client reaching the embedded broker's thread in-process.
         client = connect_client(url, name="bench")
         self._clients.setdefault(url, []).append(client)
         return client
@@ -301,7 +301,7 @@ class BridgedBroker:
             self.stop()
             raise RuntimeError(f"the bridged broker did not start (exit code {broker.poll()})")
         self.tcp_url, self.ws_url = urls
-        worker = self._spawn([sys.executable, "-m", "remoterl._embedded_child", "worker", str(os.getpid()),
+        worker = self._spawn([sys.executable, "-m", "remoterl.embedded_child", "worker", str(os.getpid()),
                               repr(self.heartbeat), str(self.liveness), self.tcp_url, str(self.slots),
                               "bench-bridged", "-1"])
         deadline = time.monotonic() + timeout

@@ -4,7 +4,7 @@
     python bench/timeline.py --num-envs 64 --steps 2000
     python bench/timeline.py --pin-trainer 0 --pin-worker 1
 
-Starts what ``remoterl.init()`` starts (a broker thread reached by a ``LocalClient``, one
+Starts what ``remoterl.init()`` starts (a broker thread reached in-process by the client, one
 worker process on a local link), stamps each step with ``time.perf_counter_ns()`` at
 fixed points in the trainer and in the worker (CLOCK_MONOTONIC, the same clock in both
 processes), and prints the median and mean of each segment over the steps whose stamps

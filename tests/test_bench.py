@@ -107,7 +107,9 @@ def test_timeline_stamps_steps_in_order():
 
 @pytest.fixture
 def abuse():
-    """bench/abuse.py as a module (it imports nothing from bench/)."""
+    """bench/abuse.py as a module; it puts bench/ on sys.path for its abuse_* modules, so
+    sys.path and sys.modules are restored afterwards."""
+    path, modules = list(sys.path), set(sys.modules)
     spec = importlib.util.spec_from_file_location("remoterl_bench_abuse", ABUSE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -116,7 +118,11 @@ def abuse():
         spec.loader.exec_module(module)
         yield module
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.path[:] = path
+        bench = os.path.dirname(ABUSE) + os.sep
+        for name in set(sys.modules) - modules:
+            if name == spec.name or (getattr(sys.modules[name], "__file__", None) or "").startswith(bench):
+                del sys.modules[name]
 
 
 def test_hostile_peers_send_what_they_say_and_stop(abuse, procs, tmp_path):
