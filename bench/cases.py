@@ -38,8 +38,8 @@ def run_case(name: str, session: Session, note: Callable[[str], None] = lambda _
 
 def _step_message_size(action: Any, step: tuple) -> int:
     """Bytes of one ``RemoteEnv`` step on the wire, the larger of request and reply."""
-    from remoterl import codec
-    from remoterl import protocol as p
+    from remoterl.wire import codec
+    from remoterl.wire import protocol as p
 
     obs, reward, terminated, truncated, info = step
     request, frames = codec.encode({"op": "step", "a": action, "single": True, "r": 123456, "slots": [123]})
@@ -202,7 +202,7 @@ def case_bigobs(session: Session, note: Callable[[str], None]) -> Iterator[Figur
 
 def case_ws(session: Session, note: Callable[[str], None]) -> Iterator[Figure]:
     from remoterl import Client, RemoteEnvVec
-    from remoterl.wsgateway import close_gateways
+    from remoterl.io.wsgateway import close_gateways
 
     opts = session.options
     n, env_id = 8, "CartPole-v1"

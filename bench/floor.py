@@ -160,7 +160,7 @@ def _echo(url: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from remoterl._process import die_with_parent
+    from remoterl.io.process import die_with_parent
 
     die_with_parent(int(argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent; SIGTERM kills at once

@@ -238,7 +238,7 @@ class Session:
 
     def client(self, url: str) -> Any:
         """A new connected client (closed with its broker, or at the end of the case)."""
-        from remoterl.transport import connect_client
+        from remoterl.client.connection import connect_client
 
         # As remoterl.init() does: a client reaching the embedded broker's thread in-process.
         client = connect_client(url, name="bench")
@@ -290,7 +290,7 @@ class BridgedBroker:
         self._procs: list[subprocess.Popen] = []
 
     def start(self, timeout: float = 30.0) -> BridgedBroker:
-        from remoterl.cli import fetch_status
+        from remoterl.client.status import fetch_status
 
         broker = self._spawn([sys.executable, os.path.abspath(__file__), _BRIDGED, str(os.getpid()),
                               repr(self.heartbeat), str(self.liveness)], stdout=subprocess.PIPE, text=True)
@@ -341,7 +341,7 @@ def _serve_bridged(parent_pid: int, heartbeat: float, liveness: int) -> None:
 
     import zmq
 
-    from remoterl._process import die_with_parent
+    from remoterl.io.process import die_with_parent
     from remoterl.broker.bridge import WsBridge
     from remoterl.broker.core import BrokerConfig
     from remoterl.broker.loop import Broker

@@ -36,7 +36,7 @@ class _Scale:
 
 
 def case_scale(session: Session, note: Callable[[str], None]) -> Iterator[Figure]:
-    from remoterl.cli import fetch_status
+    from remoterl.client.status import fetch_status
 
     opts = session.options
     cfg = _Scale(slots_per_worker=25, processes=1, clients=5) if opts.quick else _Scale()
@@ -104,7 +104,7 @@ def case_scale(session: Session, note: Callable[[str], None]) -> Iterator[Figure
 def _scale_cycle(procs: list[subprocess.Popen], url: str, broker_pid: int | None, duration: float,
                  idle_status: dict) -> dict:
     """Open every client's vector, step them all at once for ``duration`` s, close them."""
-    from remoterl.cli import fetch_status
+    from remoterl.client.status import fetch_status
 
     _command(procs, "open", "ready")
     rss_open = _rss_mb(broker_pid)
@@ -148,7 +148,7 @@ def _expect_line(proc: subprocess.Popen, start: str, timeout: float = 120.0) -> 
 def _wait_closed(url: str, idle: dict, clients: bool = False, timeout: float = 30.0) -> None:
     """Wait (bounded; not a measured path) until the broker holds no more open slots (and,
     with ``clients``, no more clients) than it did when idle, before the case."""
-    from remoterl.cli import fetch_status
+    from remoterl.client.status import fetch_status
 
     deadline = time.monotonic() + timeout
     while True:

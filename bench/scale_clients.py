@@ -77,7 +77,7 @@ def _step_all(vecs: list, duration: float) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    from remoterl._process import die_with_parent
+    from remoterl.io.process import die_with_parent
 
     die_with_parent(int(argv[0]))
     url, env_id, n_clients, n_envs = argv[1], argv[2], int(argv[3]), int(argv[4])

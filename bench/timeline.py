@@ -44,7 +44,7 @@ def _stamp(name: str) -> None:
 
 def _worker(url: str, link_fd: int, out: str, pin: int | None) -> None:
     """The worker process: an embedded worker whose link and slot host stamp their events."""
-    from remoterl._link import Link
+    from remoterl.io.link import Link
     from remoterl.workers.pool import WorkerSpec, run_worker
     from remoterl.workers.runtime import SlotHost
 
@@ -76,11 +76,11 @@ def _worker(url: str, link_fd: int, out: str, pin: int | None) -> None:
 
 def _trainer(args: argparse.Namespace) -> None:
     from remoterl import RemoteEnvVec
-    from remoterl._link import Link
+    from remoterl.io.link import Link
     from remoterl.broker.core import BrokerConfig
     from remoterl.broker.loop import Broker
-    from remoterl.cli import fetch_status
-    from remoterl.transport import connect_client
+    from remoterl.client.status import fetch_status
+    from remoterl.client.connection import connect_client
 
     if args.pin_trainer is not None:
         os.sched_setaffinity(0, {args.pin_trainer})

@@ -37,7 +37,7 @@ class BrokerConfig:
 
     heartbeat: float = 1.0
     liveness: int = 3
-    max_message_size: int = 64 * 1024 * 1024
+    max_message_size: int = p.MAX_MESSAGE_SIZE
     open_timeout: float = 120.0
     # Calls one client may have in flight to one worker; more get a ``limit`` error at once.
     # A vector env has one in flight per worker; the bound is what keeps a flooding client

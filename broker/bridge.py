@@ -38,14 +38,16 @@ import os
 import ssl
 import threading
 
-import msgpack
 import zmq
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from remoterl.errors import ProtocolError
 from remoterl.io.loopsocket import LoopSocket, bounded, run_loop, write_now
+from remoterl.wire import protocol as p
 from remoterl.wire import wsframes
+from remoterl.wire.protocol import ClientCommand as C
+from remoterl.wire.protocol import WorkerCommand as W
 
 __all__ = ["WsBridge"]
 
@@ -53,8 +55,8 @@ log = logging.getLogger(__name__)
 
 # DISCONNECT as each kind of peer says it (docs/PROTOCOL.md §3.1, command 0x08).
 _FAREWELL = {
-    b"RLC": [b"RLC1\x08", msgpack.packb({})],
-    b"RLW": [b"RLW1\x08"],
+    p.RL_CLIENT[:3]: [p.client_frame(C.DISCONNECT), p.encode_header({})],
+    p.RL_WORKER[:3]: [p.worker_frame(W.DISCONNECT)],
 }
 _SLOW = "remoterl: peer too slow (send queue full)"
 # Room for the 4-byte length prefixes, so every message the broker accepts fits one WebSocket message.
@@ -81,7 +83,7 @@ class WsBridge:
     """
 
     def __init__(self, host: str, port: int, broker_endpoint: str, *, ssl_context: ssl.SSLContext | None = None,
-                 max_message_size: int = 64 * 1024 * 1024, context: zmq.Context | None = None,
+                 max_message_size: int = p.MAX_MESSAGE_SIZE, context: zmq.Context | None = None,
                  send_timeout: float = 10.0, queue_limit: int = 1000) -> None:
         self.host = host
         self.port = port

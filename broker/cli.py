@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 import click
 
+from remoterl.wire import protocol as p
+
 __all__ = ["is_loopback", "main"]
 
 
@@ -37,7 +39,7 @@ def is_loopback(endpoint: str) -> bool:
               help="Seconds between heartbeats.")
 @click.option("--liveness", type=click.IntRange(min=1), default=3,
               help="Heartbeats a peer may miss before it is declared dead.")
-@click.option("--max-message-size", type=click.IntRange(min=1024), default=64 * 1024 * 1024,
+@click.option("--max-message-size", type=click.IntRange(min=1024), default=p.MAX_MESSAGE_SIZE,
               help="Largest message accepted, in bytes. A frame over it makes libzmq drop the "
                    "connection (ZMQ_MAXMSGSIZE); a client message whose frames add up to more gets an "
                    "error reply.")

@@ -99,10 +99,10 @@ class Majordomo:
         self._now = now
         request = p.parse_mdp_client(frames)
         service = request.service
-        if not self._tenants.open_mode and service != b"remoterl.status":
+        if not self._tenants.open_mode and service != p.STATUS_SERVICE:
             # Key-less Majordomo peers are allowed in open mode only.
             raise ProtocolError("Majordomo clients are not allowed: this broker requires API keys")
-        if service.startswith(b"mmi.") or service == b"remoterl.status":
+        if service.startswith(b"mmi.") or service == p.STATUS_SERVICE:
             body = self._answer(service, request.body)
             self._out.append([sender, *p.mdp_client_reply(
                 request.version, service, body, empty_prefix=request.empty_prefix, majortomo=request.majortomo)])

@@ -16,6 +16,7 @@ from remoterl.broker.majordomo import MdpService, MdpWorker
 from remoterl.broker.mdpqueue import MdpQueue
 from remoterl.broker.peers import RLClient, RLWorker
 from remoterl.broker.placement import Slot
+from remoterl.wire import protocol as p
 
 __all__ = ["BrokerView", "answer", "served", "status"]
 
@@ -61,7 +62,7 @@ def answer(core: BrokerView, service: bytes, body: list) -> list[bytes]:
     workers, ``404`` if not; see :func:`served`. ``remoterl.status``: one JSON frame, see
     :func:`status`. Any other ``mmi.`` name: ``501``.
     """
-    if service == b"remoterl.status":
+    if service == p.STATUS_SERVICE:
         # In key mode the API key is the first body frame, and the answer covers its tenant only.
         tenant = "" if core.open_mode else core.tenant_of(bytes(body[0]).decode("utf-8", "replace") if body else None)
         if tenant is None:

@@ -9,7 +9,7 @@ import click
 
 from remoterl.client.status import fetch_status
 
-__all__ = ["fetch_status", "main"]
+__all__ = ["main"]
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:

@@ -30,8 +30,9 @@ def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
     from remoterl.io.dealer import connect_dealer, no_answer_hint
     from remoterl.io.security import curve_serverkey_from_env
     from remoterl.io.wsgateway import resolve_endpoint
+    from remoterl.wire import protocol as p
 
-    request = [b"MDPC02", b"\x01", b"remoterl.status", *([api_key.encode()] if api_key else [])]
+    request = [p.mdp_client_signature(p.MdpVersion.V02), p.MDPC_REQUEST, p.STATUS_SERVICE, *([api_key.encode()] if api_key else [])]
     # Watches the tcp handshake too: a key-mode broker refuses a wrong or missing key there.
     seen: set[str] = set()
     connected = connect_dealer(zmq.Context.instance(), url, resolve_endpoint(url), request, timeout,

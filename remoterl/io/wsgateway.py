@@ -42,9 +42,12 @@ from urllib.parse import urlsplit
 import zmq
 from websockets.asyncio.client import connect
 
-from remoterl.wire import wsframes as _wsframes
-from remoterl.io.loopsocket import LoopSocket, run_loop, write_now
 from remoterl.errors import ProtocolError
+from remoterl.io.loopsocket import LoopSocket, run_loop, write_now
+from remoterl.wire import protocol as p
+from remoterl.wire import wsframes as _wsframes
+from remoterl.wire.protocol import ClientCommand as C
+from remoterl.wire.protocol import WorkerCommand as W
 
 __all__ = ["close_gateways", "gateway_endpoint", "resolve_endpoint"]
 
@@ -56,8 +59,8 @@ _QUEUE_LIMIT = 1000  # messages per local peer waiting for its WebSocket
 _HEARTBEAT_IDLE = 30.0
 _START_TIMEOUT = 10.0
 _OPEN_TIMEOUT = 10.0
-_DISCONNECTS = (b"RLC1\x08", b"RLW1\x08")
-_HEARTBEATS = (b"RLC1\x07", b"RLW1\x07")
+_DISCONNECTS = (p.client_frame(C.DISCONNECT), p.worker_frame(W.DISCONNECT))
+_HEARTBEATS = (p.client_frame(C.HEARTBEAT), p.worker_frame(W.HEARTBEAT))
 
 _lock = threading.Lock()
 _gateways: dict[tuple, _Gateway] = {}

@@ -57,6 +57,8 @@ __all__ = [
     "MAX_CONTROL_HEADER",
     "MAX_FRAMES",
     "MAX_MESSAGE_SIZE",
+    "STATUS_SERVICE",
+    "mdp_client_signature",
     "MAX_NAME",
     "MDP_WORKER",
     "PROTOCOL_VERSION",
@@ -116,6 +118,15 @@ MDP_CLIENT = {b"MDPC01": MdpVersion.V01, b"MDPC02": MdpVersion.V02}
 MDP_WORKER = {b"MDPW01": MdpVersion.V01, b"MDPW02": MdpVersion.V02}
 _MDPC = {MdpVersion.V01: b"MDPC01", MdpVersion.V02: b"MDPC02"}
 _MDPW = {MdpVersion.V01: b"MDPW01", MdpVersion.V02: b"MDPW02"}
+
+# The Majordomo service the broker answers with its status snapshot (``remoterl status``).
+STATUS_SERVICE = b"remoterl.status"
+
+
+def mdp_client_signature(version: MdpVersion) -> bytes:
+    """Frame 0 (MDP/0.2) or 1 (MDP/0.1) of a Majordomo client message of ``version``."""
+    return _MDPC[version]
+
 
 # RFC 18, MDP/Client commands.
 MDPC_REQUEST = b"\x01"
