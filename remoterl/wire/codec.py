@@ -65,17 +65,35 @@ What it does not do
 - It does not copy big arrays: a buffer in the returned frame list may be the
   caller's own array, so the caller must not write into it until zmq has sent
   it (a ``copy=False`` send completes later, on zmq's I/O thread).
+
+Where the code lives
+~~~~~~~~~~~~~~~~~~~~
+This module holds :func:`encode` and :func:`decode` (the per-thread packers, the
+``default`` and ``ext_hook`` hooks, the ext codes). The array payload (the
+``u16 L | meta`` prefix, which dtypes and shapes may travel, inline arrays and
+scalars) is in :mod:`remoterl.wire.arrays`; the slow path that names the value
+that cannot travel, and the nesting limits, are in :mod:`remoterl.wire.unsendable`.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
 
-from remoterl.errors import CodecError, ProtocolError
+from remoterl.errors import ProtocolError
+from remoterl.wire.arrays import (
+    Unsupported,
+    inline_array,
+    meta_cache,
+    meta_prefix,
+    parse_meta,
+    scalar,
+)
+from remoterl.wire.unsendable import MAX_TUPLE_DEPTH, explain
 
 __all__ = ["decode", "encode"]
 
@@ -85,98 +103,29 @@ _EXT_FRAME = 2
 _EXT_SCALAR = 3
 _EXT_TUPLE = 4
 
-# dtype kinds that are plain memory: bool, int, uint, float, complex, bytes,
-# str, void (unstructured), datetime64, timedelta64. Object ('O') and numpy 2's
-# StringDType ('T') hold pointers and would be garbage (or worse) as raw bytes.
-_PLAIN_KINDS = frozenset("biufcSUVMm")
-
-# numpy's own limit on dimensions; bounds what a peer can make us allocate.
-_MAX_NDIM = 64
-
-# The most elements a zero-byte array may span, zero dimensions counted as 1. An array with
-# data has at most one element per byte received; one with none (a zero dimension, or a dtype
-# of size 0 such as '<U0') costs a few bytes whatever its shape, yet iterating it makes one
-# Python object per row: (2**25, 0) float64, 42 bytes on the wire, took 2.4 GB and seconds to
-# walk. Real zero-size values are small (a batch of Box(0,) observations has one row per env).
-_MAX_EMPTY_SPAN = 1 << 16
-
-# msgpack's unpacker reads at most this many nested containers (its packer
-# allows one more, then raises "recursion limit exceeded").
-_MAX_DEPTH = 1024
-
-# Each tuple level is a nested pack/unpack call that recurses through Python
-# *and* C: on decode, a few thousand levels overflow the C stack (a segfault,
-# not a RecursionError). Real values nest tuples a few levels at most.
-_MAX_TUPLE_DEPTH = 32
-
-# Per-(dtype, shape) and per-meta caches. A training loop sends the same few
-# shapes every step; caching saves building and parsing the meta each time.
-# Bounded because shapes (and, on decode, a peer's input) may vary without end.
-_CACHE_LIMIT = 1024
-
 # A thread's packers keep their buffers between calls. Start them small (the
 # default is 256 KiB each, times up to 33 per thread), and drop them after a
 # header this big so one huge value does not pin its buffer for ever.
 _PACKER_BUF_SIZE = 16 * 1024
 _PACKER_KEEP_LIMIT = 1024 * 1024
 
-_ALLOWED = "allowed: numbers, strings, bools, None, numpy arrays, lists/tuples/dicts of those"
-
 # tuple.__new__ skips ExtType.__new__'s argument checks (~3x cheaper); our
 # codes and payloads are valid by construction.
 _new_tuple = tuple.__new__
 _ExtType = msgpack.ExtType
+
+# The prefix cache's lookup, bound once: Python 3.11 compiles ``name.get(...)`` on a name
+# imported with ``from ... import`` as an attribute load plus a call, not a method call,
+# which cost ~10% of the hook below. arrays.meta_cache is cleared, never rebound.
+_cached_prefix = meta_cache.get
 
 
 def _ext(code: int, data: bytes) -> msgpack.ExtType:
     return _new_tuple(_ExtType, (code, data))
 
 
-class _Unsupported(TypeError):
-    """Raised inside the ``default`` hook; the slow path then explains it."""
-
-
 # ----------------------------------------------------------------------------
 # Encoding
-
-
-_meta_cache: dict[tuple[np.dtype, tuple[int, ...]], bytes] = {}
-
-
-def _plain_dtype(dtype: np.dtype) -> bool:
-    """True if ``dtype`` is raw memory that ``dtype.str`` describes exactly."""
-    return (
-        dtype.kind in _PLAIN_KINDS
-        and dtype.fields is None  # structured: dtype.str would drop the fields
-        and dtype.subdtype is None
-        and not dtype.hasobject
-    )
-
-
-def _empty_span(dtype: np.dtype, shape: Sequence[int]) -> int:
-    """Elements a zero-byte array spans, zero dimensions counted as 1 (0 if it has data)."""
-    nbytes = dtype.itemsize
-    span = 1
-    for n in shape:
-        nbytes *= n
-        span *= n or 1
-    return 0 if nbytes else span
-
-
-def _meta_prefix(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    """The ``u16 L | meta`` prefix shared by ext 1, 2 and 3 (cached)."""
-    key = (dtype, shape)
-    prefix = _meta_cache.get(key)
-    if prefix is None:
-        # What decode would refuse is refused here too, so a round trip never fails half way.
-        if not _plain_dtype(dtype) or _empty_span(dtype, shape) > _MAX_EMPTY_SPAN:
-            raise _Unsupported
-        meta = msgpack.packb([dtype.str, list(shape)])
-        prefix = len(meta).to_bytes(2, "little") + meta
-        if len(_meta_cache) >= _CACHE_LIMIT:
-            _meta_cache.clear()
-        _meta_cache[key] = prefix
-    return prefix
 
 
 class _Encoder:
@@ -213,8 +162,8 @@ class _Encoder:
         """msgpack's hook for every type it does not pack natively."""
         cls = type(obj)
         if cls is np.ndarray:
-            # The hot path of encode: the cache lookup of _meta_prefix inlined.
-            prefix = _meta_cache.get((obj.dtype, obj.shape)) or _meta_prefix(obj.dtype, obj.shape)
+            # The hot path of encode: the cache lookup of meta_prefix inlined.
+            prefix = _cached_prefix((obj.dtype, obj.shape)) or meta_prefix(obj.dtype, obj.shape)
             if obj.nbytes > self.threshold:
                 index = len(self.frames)
                 # Raw bytes of a Fortran-ordered (or strided) array
@@ -229,8 +178,8 @@ class _Encoder:
             return _new_tuple(_ExtType, (_EXT_ARRAY, prefix + obj.tobytes()))
         if cls is tuple:
             depth = self.depth
-            if depth > _MAX_TUPLE_DEPTH:  # depth 1 is the outermost packer
-                raise _Unsupported
+            if depth > MAX_TUPLE_DEPTH:  # depth 1 is the outermost packer
+                raise Unsupported
             packer = self.packer(depth)
             self.depth = depth + 1
             try:
@@ -243,10 +192,10 @@ class _Encoder:
                 # np.str_("") claims dtype '<U0' but holds one (empty) char.
                 array = np.array(obj)
                 dtype, data = array.dtype, array.tobytes()
-            return _ext(_EXT_SCALAR, _meta_prefix(dtype, ()) + data)
+            return _ext(_EXT_SCALAR, meta_prefix(dtype, ()) + data)
         if isinstance(obj, dict):
             return dict(obj)  # OrderedDict, defaultdict: travel as a plain dict
-        raise _Unsupported
+        raise Unsupported
 
 
 _local = threading.local()
@@ -290,8 +239,8 @@ def encode(
         header = packer.pack(obj)
     except (TypeError, ValueError, OverflowError, BufferError, RecursionError) as exc:
         encoder.packers.clear()  # a failed pack may have grown a buffer: start afresh
-        error = _explain(obj, name, exc)
-        if isinstance(exc, _Unsupported):
+        error = explain(obj, name, exc)
+        if isinstance(exc, Unsupported):
             raise error from None  # the marker is no news: the message says it all
         raise error from exc
     finally:
@@ -303,188 +252,7 @@ def encode(
 
 
 # ----------------------------------------------------------------------------
-# The slow path: find what could not be packed
-
-
-def _explain(obj: Any, name: str, exc: BaseException) -> CodecError:
-    """Build the error for a failed :func:`encode`, naming the first bad value."""
-    found = _find_unsendable(obj, name)
-    if found is None:
-        return CodecError(f"cannot send {name}: {exc}")
-    path, reason = found
-    return CodecError(f"cannot send {path}: {reason}")
-
-
-_LEAVE = object()  # stack marker: the walk is done with a container
-
-
-def _find_unsendable(obj: Any, name: str) -> tuple[str, str] | None:
-    """Return ``(path, reason)`` for the first value in ``obj`` that cannot travel.
-
-    Mirrors what ``Packer.pack`` with :meth:`_Encoder.default` accepts, in the
-    same (depth-first) order, so the value it names is the one that made
-    packing fail. Iterative, because the values it must explain include ones
-    nested deeper than Python's recursion limit.
-    """
-    ancestors: set[int] = set()  # ids of the containers around the current value
-    # (value, path, containers around it, tuples among them)
-    stack: list[tuple[Any, str, int, int]] = [(obj, name, 0, 0)]
-    while stack:
-        value, path, depth, tuples = stack.pop()
-        if value is _LEAVE:
-            ancestors.discard(depth)  # for a _LEAVE entry, depth holds the id
-            continue
-        cls = type(value)
-        if not (cls is list or cls is tuple or isinstance(value, dict)):
-            reason = _leaf_reason(value)
-            if reason is not None:
-                return path, reason
-            continue
-        if id(value) in ancestors:
-            return path, "it contains itself (a reference cycle)"
-        tuples += cls is tuple
-        if depth >= _MAX_DEPTH or tuples > _MAX_TUPLE_DEPTH:
-            return path, f"nested too deeply (limits: {_MAX_DEPTH} levels, {_MAX_TUPLE_DEPTH} of them tuples)"
-        ancestors.add(id(value))
-        stack.append((_LEAVE, path, id(value), 0))
-        children: list[tuple[Any, str, int, int]] = []
-        if isinstance(value, dict):
-            for key, item in value.items():
-                children.append((key, f"{path} key {key!r}", depth + 1, tuples))
-                children.append((item, f"{path}[{key!r}]", depth + 1, tuples))
-        else:
-            children.extend((item, f"{path}[{i}]", depth + 1, tuples) for i, item in enumerate(value))
-        stack.extend(reversed(children))  # popped in order: first child first
-    return None
-
-
-def _leaf_reason(value: Any) -> str | None:
-    """Why a value that is not a list, tuple or dict cannot travel (None if it can)."""
-    cls = type(value)
-    if value is None or cls is bool or cls is float:
-        return None
-    if cls is int:
-        return None if -(2**63) <= value < 2**64 else f"int {value} does not fit in 64 bits"
-    if cls is str:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return f"str is not valid UTF-8 ({exc.reason})"
-        return None
-    if cls in (bytes, bytearray, memoryview):
-        view = memoryview(value)
-        if not view.c_contiguous:
-            return "memoryview is not contiguous"
-        if view.nbytes >= 2**32:
-            return f"{cls.__name__} of {view.nbytes} bytes exceeds msgpack's 4 GiB limit"
-        return None
-    if cls is msgpack.ExtType or cls is msgpack.Timestamp:
-        return None
-    if cls is np.ndarray or isinstance(value, np.generic):
-        what = "numpy array" if cls is np.ndarray else "numpy scalar"
-        if not _plain_dtype(value.dtype):
-            return f"{what} of dtype {value.dtype} is not supported ({_ALLOWED})"
-        span = _empty_span(value.dtype, value.shape)
-        if span > _MAX_EMPTY_SPAN:
-            return (f"zero-size {what} of shape {value.shape} spans {span} elements"
-                    f" (at most {_MAX_EMPTY_SPAN} travel)")
-        return None
-    return f"type {cls.__name__!r} is not supported ({_ALLOWED})"
-
-
-# ----------------------------------------------------------------------------
 # Decoding
-
-
-# "u16 L | meta" prefix -> (dtype, shape, nbytes); only prefixes that passed
-# validation are cached.
-_parsed_meta_cache: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
-
-
-def _parse_meta(data: bytes) -> tuple[np.dtype, tuple[int, ...], int, int]:
-    """Read the ``u16 L | meta`` prefix of an ext 1/2/3 payload.
-
-    Returns:
-        ``(dtype, shape, nbytes, offset)``: offset is where the rest begins.
-
-    Raises:
-        ProtocolError: the prefix is malformed or names a dtype that is not
-            plain memory.
-    """
-    if len(data) < 2:
-        raise ProtocolError("array payload too short for its header")
-    offset = 2 + (data[0] | data[1] << 8)
-    prefix = data[:offset]
-    parsed = _parsed_meta_cache.get(prefix)
-    if parsed is None:
-        parsed = _parse_meta_slow(prefix, offset)
-    return (*parsed, offset)
-
-
-def _parse_meta_slow(prefix: bytes, offset: int) -> tuple[np.dtype, tuple[int, ...], int]:
-    """Validate and cache a prefix that :func:`_parse_meta` has not seen yet."""
-    if len(prefix) != offset:
-        raise ProtocolError("array payload too short for its header")
-    try:
-        dtype_str, shape = msgpack.unpackb(prefix[2:], raw=False)
-    except Exception as exc:
-        raise ProtocolError(f"malformed array header: {exc}") from exc
-    if (
-        type(dtype_str) is not str
-        or type(shape) is not list
-        or len(shape) > _MAX_NDIM
-        or not all(type(n) is int and n >= 0 for n in shape)
-    ):
-        raise ProtocolError(f"malformed array header: dtype {dtype_str!r}, shape {shape!r}")
-    try:
-        dtype = np.dtype(dtype_str)
-    except Exception as exc:
-        raise ProtocolError(f"array header names an unknown dtype {dtype_str!r}") from exc
-    # Never build an object array from a peer's bytes: those would be pointers.
-    if not _plain_dtype(dtype):
-        raise ProtocolError(f"array header names an unsupported dtype {dtype_str!r}")
-    if _empty_span(dtype, shape) > _MAX_EMPTY_SPAN:
-        raise ProtocolError(
-            f"array header {dtype_str!r}{shape!r} spans {_empty_span(dtype, shape)} elements"
-            f" without data (a zero-size array may span at most {_MAX_EMPTY_SPAN})"
-        )
-    nbytes = dtype.itemsize
-    for n in shape:
-        nbytes *= n
-    parsed = (dtype, tuple(shape), nbytes)
-    if len(_parsed_meta_cache) >= _CACHE_LIMIT:
-        _parsed_meta_cache.clear()
-    _parsed_meta_cache[prefix] = parsed
-    return parsed
-
-
-def _inline_array(data: bytes) -> np.ndarray:
-    # The hot path of decode: _parse_meta inlined (a call costs ~10% here).
-    offset = 2 + (data[0] | data[1] << 8) if len(data) >= 2 else 0
-    parsed = _parsed_meta_cache.get(data[:offset])
-    if parsed is None:
-        dtype, shape, nbytes, offset = _parse_meta(data)
-    else:
-        dtype, shape, nbytes = parsed
-    if len(data) - offset != nbytes:
-        raise ProtocolError(
-            f"inline array {dtype.str}{list(shape)} needs {nbytes} bytes, got {len(data) - offset}"
-        )
-    if nbytes == 0:
-        return np.empty(shape, dtype)  # also covers itemsize 0 ('<U0')
-    # The bytearray is the copy that makes the array writeable (bytes are not);
-    # copying the whole payload and skipping the prefix by offset is cheaper
-    # than slicing first.
-    return np.ndarray(shape, dtype, bytearray(data), offset)
-
-
-def _scalar(data: bytes) -> np.generic:
-    dtype, shape, nbytes, offset = _parse_meta(data)
-    if shape != () or len(data) - offset != nbytes:
-        raise ProtocolError(f"malformed numpy scalar of dtype {dtype.str}")
-    if nbytes == 0:
-        return np.zeros((), dtype)[()]
-    return np.ndarray((), dtype, data, offset)[()]
 
 
 def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
@@ -511,9 +279,9 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
     def ext_hook(code: int, data: bytes) -> Any:
         nonlocal tuple_depth
         if code == _EXT_ARRAY:
-            return _inline_array(data)
+            return inline_array(data)
         if code == _EXT_FRAME:
-            dtype, shape, nbytes, offset = _parse_meta(data)
+            dtype, shape, nbytes, offset = parse_meta(data)
             if len(data) - offset != 4:
                 raise ProtocolError("malformed frame reference")
             index = int.from_bytes(data[offset:], "little")
@@ -531,10 +299,10 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
                 return np.empty(shape, dtype)
             return np.ndarray(shape, dtype, buffer)
         if code == _EXT_SCALAR:
-            return _scalar(data)
+            return scalar(data)
         if code == _EXT_TUPLE:
-            if tuple_depth >= _MAX_TUPLE_DEPTH:
-                raise ProtocolError(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep")
+            if tuple_depth >= MAX_TUPLE_DEPTH:
+                raise ProtocolError(f"tuples nested more than {MAX_TUPLE_DEPTH} deep")
             tuple_depth += 1
             try:
                 items = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
