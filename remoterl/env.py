@@ -21,20 +21,20 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium
-from gymnasium.envs.registration import EnvSpec
 
-from remoterl.wire.actions import check_action, check_attr_name
 from remoterl.client.registry import get_client
 from remoterl.errors import EnvClosedError, ProtocolError, RemoteAttributeError
-from remoterl.wire.spaces import space_from_wire
+from remoterl.wire import calls
+from remoterl.wire.actions import check_action, check_attr_name
+from remoterl.wire.calls import INFO, OBS, REWARDS, TERMINATED, TRUNCATED, values_from_wire
+from remoterl.wire.envdesc import EnvDescription, metadata_from_wire, spec_from_wire
 
+# check_action, metadata_from_wire, spec_from_wire and values_from_wire live in remoterl.wire
+# (shared with the workers); importable from here as before.
 __all__ = ["RemoteEnv", "RemoteMethod", "check_action", "metadata_from_wire", "spec_from_wire",
            "values_from_wire"]
 
-# The longest attribute name that travels: a name is an identifier, never a payload.
 
-# gymnasium's helpers that take an attribute name themselves: calling one remotely would reach
-# any name, "_private" ones included, past the check on the name of the call.
 class RemoteEnv(gymnasium.Env):
     """An environment that lives on a remote worker.
 
@@ -63,22 +63,20 @@ class RemoteEnv(gymnasium.Env):
         self._worker = opened.workers[0]
         self._slots = [self._slot]
         self._closed = False
-        desc = opened.env
+        desc = EnvDescription.from_wire(opened.env)
         self.env_id = env_id
-        self.observation_space = space_from_wire(desc["observation_space"])
-        self.action_space = space_from_wire(desc["action_space"])
-        self.metadata = metadata_from_wire(desc.get("metadata"))
-        self.render_mode = desc.get("render_mode")
-        self.spec = spec_from_wire(desc.get("spec"))
+        self.observation_space = desc.observation_space
+        self.action_space = desc.action_space
+        self.metadata = desc.metadata
+        self.render_mode = desc.render_mode
+        self.spec = desc.spec
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         """Reset the remote env; ``seed`` and ``options`` as in ``gymnasium.Env.reset``."""
         super().reset(seed=seed)
         self._ensure_open()
-        reply = self._client.call(self._worker, self._slots,
-                                  {"op": "reset", "seeds": [seed], "options": options, "single": True},
-                                  self._timeout)
-        return reply["obs"], reply["info"]
+        reply = self._client.call(self._worker, self._slots, calls.reset_single(seed, options), self._timeout)
+        return reply[OBS], reply[INFO]
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
         """Step the remote env; returns what it returned, types included.
@@ -89,9 +87,8 @@ class RemoteEnv(gymnasium.Env):
         """
         self._ensure_open()
         check_action(self.action_space, action)
-        reply = self._client.call(self._worker, self._slots, {"op": "step", "a": action, "single": True},
-                                  self._timeout)
-        return reply["obs"], reply["rew"], reply["term"], reply["trunc"], reply["info"]
+        reply = self._client.call(self._worker, self._slots, calls.step_single(action), self._timeout)
+        return reply[OBS], reply[REWARDS], reply[TERMINATED], reply[TRUNCATED], reply[INFO]
 
     def render(self) -> Any:
         """Not available yet: frames are not streamed from workers."""
@@ -122,8 +119,8 @@ class RemoteEnv(gymnasium.Env):
         if _has_local(self, name):
             return getattr(self, name)
         check_attr_name(name)
-        reply = self._attr_call({"op": "get_attr", "name": name})
-        if reply.get("callable"):
+        reply = self._attr_call(calls.get_attr(name))
+        if reply.get(calls.CALLABLE):
             return RemoteMethod(self, name)
         return values_from_wire(reply, 1)[0]
 
@@ -138,8 +135,8 @@ class RemoteEnv(gymnasium.Env):
             setattr(self, name, value)
             return True
         check_attr_name(name)
-        reply = self._attr_call({"op": "set_attr", "name": name, "values": [value], "force": bool(force)})
-        done = reply.get("set")
+        reply = self._attr_call(calls.set_attr(name, [value], force=force))
+        done = reply.get(calls.SET)
         if not isinstance(done, list) or len(done) != 1 or not isinstance(done[0], bool):
             raise ProtocolError("a set_attr reply needs 'set', one bool per slot")
         return done[0]
@@ -152,14 +149,14 @@ class RemoteEnv(gymnasium.Env):
             check_attr_name(name)
         except (RemoteAttributeError, TypeError):
             return False
-        reply = self._attr_call({"op": "get_attr", "name": name, "probe": True})
+        reply = self._attr_call(calls.get_attr(name, probe=True))
         return bool(values_from_wire(reply, 1)[0])
 
     def call_remote(self, name: str, args: tuple = (), kwargs: dict | None = None) -> Any:
         """Run ``env.get_wrapper_attr(name)(*args, **kwargs)`` on the worker (the attribute
         itself if it is not callable) and return the result: what :class:`RemoteMethod` does."""
         check_attr_name(name, call=True)
-        reply = self._attr_call({"op": "call", "name": name, "args": list(args), "kwargs": dict(kwargs or {})})
+        reply = self._attr_call(calls.call(name, args, kwargs))
         return values_from_wire(reply, 1)[0]
 
     def _attr_call(self, request: dict) -> dict:
@@ -200,54 +197,6 @@ class RemoteMethod:
         return f"<RemoteMethod {self.name} of {self._env!r}>"
 
 
-def values_from_wire(reply: Any, n: int) -> list:
-    """The ``values`` of an attribute reply, one per slot, with ints beyond 64 bits restored
-    (they travel as decimal strings, their positions in ``big``).
-
-    Raises:
-        ProtocolError: the reply is not ``n`` values, or ``big`` does not name decimal strings.
-    """
-    values = reply.get("values") if isinstance(reply, dict) else None
-    if not isinstance(values, list) or len(values) != n:
-        raise ProtocolError(f"an attribute reply needs 'values', a list of {n}")
-    for i in reply.get("big") or ():
-        if not isinstance(i, int) or not 0 <= i < n or not isinstance(values[i], str):
-            raise ProtocolError("an attribute reply's 'big' must list positions of decimal strings")
-        try:
-            values[i] = int(values[i])
-        except ValueError:
-            raise ProtocolError("an attribute reply's 'big' must list positions of decimal strings") from None
-    return values
-
-
 def _has_local(env: RemoteEnv, name: str) -> bool:
     """Whether ``name`` resolves on the local object (never a round trip: see ``__getattr__``)."""
     return isinstance(name, str) and hasattr(env, name)
-
-
-def metadata_from_wire(desc: Any) -> dict:
-    """The env's metadata as the worker sent it, with gymnasium's enums restored."""
-    metadata = dict(desc or {})
-    mode = metadata.get("autoreset_mode")
-    if isinstance(mode, str):
-        try:
-            metadata["autoreset_mode"] = gymnasium.vector.AutoresetMode(mode)
-        except ValueError:
-            pass
-    return metadata
-
-
-def spec_from_wire(desc: Any) -> EnvSpec | None:
-    """Rebuild an ``EnvSpec`` from a worker's description (no entry point crosses the wire)."""
-    if not isinstance(desc, dict) or not isinstance(desc.get("id"), str):
-        return None
-    return EnvSpec(
-        id=desc["id"],
-        entry_point=desc.get("entry_point"),
-        reward_threshold=desc.get("reward_threshold"),
-        nondeterministic=bool(desc.get("nondeterministic", False)),
-        max_episode_steps=desc.get("max_episode_steps"),
-        order_enforce=bool(desc.get("order_enforce", True)),
-        disable_env_checker=bool(desc.get("disable_env_checker", False)),
-        kwargs=dict(desc.get("kwargs") or {}),
-    )

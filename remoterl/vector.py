@@ -3,7 +3,9 @@
 The broker places the slots over one or more workers. Env ``i`` of the vector is
 a fixed slot; slots are numbered so that each worker's slots are a contiguous range
 of env indices, which lets a step send ``actions[start:stop]`` (a view, no copy) to
-each worker as ONE message and join the replies with one concatenation.
+each worker as ONE message and join the replies with one concatenation
+(:mod:`remoterl.vector_batch`). Each message is built by :mod:`remoterl.wire.calls`, the
+call schema the workers read.
 
 Autoreset runs on the workers (no extra round trip), following
 ``SyncVectorEnv.step`` for the three ``AutoresetMode`` values; the ``infos`` dict is
@@ -14,7 +16,8 @@ rebuilt here with gymnasium's own ``VectorEnv._add_info`` in env-index order, so
 ``call_wait`` split calls the way ``AsyncVectorEnv`` does (same ``AsyncState`` errors),
 so a trainer can overlap its own work with remote stepping. ``get_attr``, ``set_attr``
 and ``call`` reach the remote envs' public attributes as ``SyncVectorEnv`` defines them
-(one message per worker; names and values travel as codec values, never pickle).
+(one message per worker; names and values travel as codec values, never pickle): they are
+:mod:`remoterl.vector_attrs`', a mixin of :class:`RemoteEnvVec`.
 
 Never out of step: once a step has been sent, the workers step whether or not the
 trainer sees the results. So when a step (or reset) fails after anything was sent — an
@@ -28,35 +31,27 @@ envs that did step, as their workers reported.
 from __future__ import annotations
 
 import copy
-import reprlib
-from collections.abc import Mapping, Sequence
 from typing import Any
 
-import gymnasium
 import numpy as np
 from gymnasium.error import AlreadyPendingCallError, ClosedEnvironmentError, NoAsyncCallError
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space
 
-from remoterl.wire.actions import check_actions, check_attr_name
 from remoterl.client.registry import get_client
-from remoterl.env import metadata_from_wire, spec_from_wire, values_from_wire
 from remoterl.errors import ActionNotBatchedError, InvalidActionError, RemoteRLError, ResetNeededError
-from remoterl.wire.spaces import space_from_wire
+from remoterl.vector_attrs import VectorAttrs
+from remoterl.vector_batch import check_reset_mask, concat, describe_value, not_a_batch, scatter, slice_batch
+from remoterl.wire import calls
+from remoterl.wire.actions import check_actions
+from remoterl.wire.calls import FINAL, INFOS, OBS, REWARDS, TERMINATED, TRUNCATED
+from remoterl.wire.envdesc import EnvDescription
 
 __all__ = ["RemoteEnvVec"]
 
-# AutoresetMode -> the worker's wire code (remoterl.workers.runtime.AUTORESET_MODES).
-_MODE_CODES = {AutoresetMode.NEXT_STEP: 0, AutoresetMode.SAME_STEP: 1, AutoresetMode.DISABLED: 2}
 
-# Env attributes that cannot travel as values (spaces, EnvSpec), answered by get_attr/call from
-# the description the workers sent at OPEN: env attribute -> this vector's attribute.
-_DESCRIBED = {"observation_space": "single_observation_space", "action_space": "single_action_space",
-              "spec": "spec"}
-
-
-class RemoteEnvVec(VectorEnv):
+class RemoteEnvVec(VectorAttrs, VectorEnv):
     """A vector of remote envs, stepped with one message per worker.
 
     Args:
@@ -82,13 +77,13 @@ class RemoteEnvVec(VectorEnv):
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.autoreset_mode = AutoresetMode(autoreset_mode)
-        self._mode = _MODE_CODES[self.autoreset_mode]
+        self._mode = calls.mode_code(self.autoreset_mode)
         self._client = client if client is not None else get_client(broker)
         self._timeout = timeout
         self._state = AsyncState.DEFAULT
         self._pending: list = []
         self._resetting: tuple[list[list[int]], np.ndarray | None] = ([], None)  # (envs per request, mask)
-        self._answered: tuple | None = None  # a call answered here (_DESCRIBED), until call_wait
+        self._answered: tuple | None = None  # a call answered from the description, until call_wait
         # Why the vector is out of step with its workers (None: in step): see the module docstring.
         self._out_of_step: str | None = None
         opened = self._client.open(env_id, num_envs, kwargs, max_workers=max_workers, timeout=timeout)
@@ -104,18 +99,18 @@ class RemoteEnvVec(VectorEnv):
         self._all_slots = [s for _, slots, _, _ in self._groups for s in slots]
         self._env_of_slot = {slot: i for i, slot in enumerate(self._all_slots)}
 
-        desc = opened.env
+        desc = EnvDescription.from_wire(opened.env)
         self.env_id = env_id
         self.num_envs = num_envs
-        self.single_observation_space = space_from_wire(desc["observation_space"])
-        self.single_action_space = space_from_wire(desc["action_space"])
+        self.single_observation_space = desc.observation_space
+        self.single_action_space = desc.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         # VectorEnv.metadata is a class-level dict: every instance gets its own.
-        self.metadata = metadata_from_wire(desc.get("metadata"))
+        self.metadata = desc.metadata
         self.metadata["autoreset_mode"] = self.autoreset_mode
-        self.render_mode = desc.get("render_mode")
-        self.spec = spec_from_wire(desc.get("spec"))
+        self.render_mode = desc.render_mode
+        self.spec = desc.spec
         self._observations: Any = None
 
     # --- gymnasium API: reset ------------------------------------------------------------------
@@ -159,7 +154,7 @@ class RemoteEnvVec(VectorEnv):
         mask = None
         if options is not None and "reset_mask" in options:
             options = dict(options)
-            mask = _check_reset_mask(options.pop("reset_mask"), self.num_envs)
+            mask = check_reset_mask(options.pop("reset_mask"), self.num_envs)
             if mask.all():
                 mask = None  # every env: a full reset, as SyncVectorEnv's result is the same
             elif self._out_of_step is not None:
@@ -207,7 +202,7 @@ class RemoteEnvVec(VectorEnv):
             if not idx:
                 continue
             requests.append((worker, [slots[i - start] for i in idx],
-                             {"op": "reset", "seeds": [seeds[i] for i in idx], "options": options}))
+                             calls.reset([seeds[i] for i in idx], options)))
             picked.append(idx)
         self._pending = self._send(requests, "reset")
         self._resetting = (picked, mask)
@@ -225,15 +220,15 @@ class RemoteEnvVec(VectorEnv):
             self._fall_out_of_step(f"the last reset failed ({_what_failed(exc)})")
             raise
         if mask is None:
-            obs = _concat(self.single_observation_space, [r["obs"] for r in replies])
+            obs = concat(self.single_observation_space, [r[OBS] for r in replies])
             self._out_of_step = None
         else:
             # SyncVectorEnv keeps the last obs of unmasked envs; never alter what we returned before.
             obs = copy.deepcopy(self._observations)
             for idx, reply in zip(picked, replies):
-                obs = _scatter(self.single_observation_space, obs, idx, reply["obs"])
+                obs = scatter(self.single_observation_space, obs, idx, reply[OBS])
         self._observations = obs
-        return obs, [(i, info) for idx, reply in zip(picked, replies) for i, info in zip(idx, reply["infos"])]
+        return obs, [(i, info) for idx, reply in zip(picked, replies) for i, info in zip(idx, reply[INFOS])]
 
     # --- gymnasium API: step -------------------------------------------------------------------
 
@@ -261,13 +256,13 @@ class RemoteEnvVec(VectorEnv):
         try:
             actions = check_actions(space, actions, self.num_envs)
         except InvalidActionError as exc:
-            if _not_a_batch(space, actions):
+            if not_a_batch(space, actions):
                 raise ActionNotBatchedError(
                     f"step() takes a batch of {self.num_envs} actions for {space}, one per env (as "
-                    f"envs.action_space.sample() gives), got {_what(actions)}") from exc
+                    f"envs.action_space.sample() gives), got {describe_value(actions)}") from exc
             raise
-        mode = self._mode
-        self._pending = self._send([(worker, slots, {"op": "step", "a": _slice(space, actions, start, stop), "m": mode})
+        mode, build = self._mode, calls.step
+        self._pending = self._send([(worker, slots, build(slice_batch(space, actions, start, stop), mode))
                                     for worker, slots, start, stop in self._groups], "step")
         self._state = AsyncState.WAITING_STEP
 
@@ -315,147 +310,20 @@ class RemoteEnvVec(VectorEnv):
             raise
         if len(replies) == 1:
             reply = replies[0]
-            obs, rewards, terminated, truncated = reply["obs"], reply["rew"], reply["term"], reply["trunc"]
-            env_infos = reply["infos"]
+            obs, rewards, terminated, truncated = reply[OBS], reply[REWARDS], reply[TERMINATED], reply[TRUNCATED]
+            env_infos = reply[INFOS]
         else:
-            obs = _concat(self.single_observation_space, [r["obs"] for r in replies])
-            rewards = np.concatenate([r["rew"] for r in replies])
-            terminated = np.concatenate([r["term"] for r in replies])
-            truncated = np.concatenate([r["trunc"] for r in replies])
-            env_infos = [info for r in replies for info in r["infos"]]
+            obs = concat(self.single_observation_space, [r[OBS] for r in replies])
+            rewards = np.concatenate([r[REWARDS] for r in replies])
+            terminated = np.concatenate([r[TERMINATED] for r in replies])
+            truncated = np.concatenate([r[TRUNCATED] for r in replies])
+            env_infos = [info for r in replies for info in r[INFOS]]
         finals: dict[int, tuple] = {}
         for (_, _, start, _), reply in zip(self._groups, replies):
-            for j, f_obs, f_info in reply.get("final", ()):
+            for j, f_obs, f_info in reply.get(FINAL, ()):
                 finals[start + j] = (f_obs, f_info)
         self._observations = obs
         return obs, rewards, terminated, truncated, env_infos, finals
-
-    # --- gymnasium API: attributes ---------------------------------------------------------------
-
-    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        """Call ``name`` on every env with ``args`` and ``kwargs`` (an attribute that is not
-        callable is returned as is), as ``SyncVectorEnv.call``: a tuple, one result per env.
-
-        The envs look the name up with ``env.get_wrapper_attr(name)`` on their workers. Arguments
-        and results must travel (codec values: numbers, strings, lists, dicts, tuples, numpy
-        arrays); one message per worker. ``observation_space``, ``action_space`` and ``spec``,
-        which cannot travel as values, are answered here from what the workers described
-        when the slots opened (every env's is the same).
-
-        Raises:
-            RemoteAttributeError: an env has no attribute ``name``, or ``name`` may not travel
-                (starts with ``_``...): an ``AttributeError``.
-            ValueError: ``name`` is ``reset``, ``step`` or ``close`` (as ``AsyncVectorEnv.call``).
-            CodecError: an argument or a result cannot travel (the message names the attribute).
-            RemoteEnvError: the method raised on a worker (with its traceback).
-        """
-        self.call_async(name, *args, **kwargs)
-        return self.call_wait()
-
-    def call_async(self, name: str, *args: Any, **kwargs: Any) -> None:
-        """Send :meth:`call` to the workers; collect the results with :meth:`call_wait`."""
-        self._ensure_idle("call_async")
-        check_attr_name(name, call=True)
-        if name in _DESCRIBED:
-            value = getattr(self, _DESCRIBED[name])
-            self._answered = tuple(value for _ in range(self.num_envs))
-            self._state = AsyncState.WAITING_CALL
-            return
-        self._pending = self._send([(worker, slots, {"op": "call", "name": name, "args": list(args), "kwargs": kwargs})
-                                    for worker, slots, _, _ in self._groups], f"call({name})")
-        self._state = AsyncState.WAITING_CALL
-
-    def call_wait(self, timeout: float | None = None) -> tuple[Any, ...]:
-        """Wait for the results of :meth:`call_async`: a tuple, one result per env.
-
-        Raises:
-            NoAsyncCallError: no call is pending.
-            RemoteTimeoutError: no reply within ``timeout``.
-        """
-        self._ensure_open()
-        if self._state is not AsyncState.WAITING_CALL:
-            raise NoAsyncCallError("Calling `call_wait` without any prior call to `call_async`.",
-                                   AsyncState.WAITING_CALL.value)
-        pending, self._pending = self._pending, []
-        answered, self._answered = self._answered, None
-        self._state = AsyncState.DEFAULT
-        if answered is not None:
-            return answered
-        replies = self._client.wait(pending, timeout if timeout is not None else self._timeout)
-        return tuple(value for (_, _, start, stop), reply in zip(self._groups, replies)
-                     for value in values_from_wire(reply, stop - start))
-
-    def get_attr(self, name: str) -> tuple[Any, ...]:
-        """``name`` of every env, a tuple (as ``SyncVectorEnv.get_attr``, which is ``call(name)``:
-        a method is called without arguments). Raises as :meth:`call`."""
-        return self.call(name)
-
-    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
-        """Set ``name`` on every env with ``env.set_wrapper_attr(name, value)`` on its worker,
-        as ``SyncVectorEnv.set_attr``: ``values`` is one value per env (a list or tuple), or
-        any other value, set on every env.
-
-        Raises:
-            ValueError: a list or tuple whose length is not ``num_envs`` (gymnasium's words).
-            RemoteAttributeError: ``name`` may not travel (starts with ``_``...).
-            CodecError: a value cannot travel.
-            AlreadyPendingCallError: another call has not been waited for.
-        """
-        self._ensure_open()
-        if not isinstance(values, (list, tuple)):
-            values = [values for _ in range(self.num_envs)]
-        if len(values) != self.num_envs:
-            raise ValueError(
-                "Values must be a list or tuple with length equal to the number of environments. "
-                f"Got `{len(values)}` values for {self.num_envs} environments.")
-        check_attr_name(name)
-        self.request_envs({"op": "set_attr", "name": name, "force": True}, range(self.num_envs), f"set_attr({name})",
-                          per_env={"values": values})
-
-    def request_envs(self, request: dict, envs: Sequence[int], what: str,
-                     per_env: Mapping[str, Sequence] | None = None) -> list[tuple[list[int], dict]]:
-        """Send an attribute call (``get_attr``, ``set_attr``, ``call``, ``is_wrapped``) to the
-        envs ``envs`` only, one message per worker holding any of them, and wait for the replies:
-        the per-env form behind :meth:`set_attr` and SB3's ``RemoteVecEnv``, whose ``indices``
-        pick envs.
-
-        Args:
-            request: the call: its ``op`` and fields (``slots`` and ``r`` are added per worker).
-            envs: distinct env indices, in any order.
-            what: the call, as errors name it.
-            per_env: fields holding one value per entry of ``envs``: each worker gets its envs'.
-
-        Returns:
-            ``(positions in envs, reply)`` per worker: the reply's per-slot values are for the
-            envs at those positions, in that order.
-
-        Raises:
-            ValueError: ``envs`` repeats an env or names one out of range.
-            AlreadyPendingCallError: another call has not been waited for.
-            And the typed errors of the replies (``RemoteAttributeError``, ``RemoteEnvError``...).
-        """
-        envs = list(envs)
-        if len(set(envs)) != len(envs) or not all(0 <= i < self.num_envs for i in envs):
-            raise ValueError(f"envs must be distinct env indices below {self.num_envs}, got {reprlib.repr(envs)}")
-        self._ensure_idle(what)
-        covered, requests = [], []
-        for worker, slots, start, stop in self._groups:
-            positions = [p for p, i in enumerate(envs) if start <= i < stop]
-            if positions:
-                fields = {key: [values[p] for p in positions] for key, values in (per_env or {}).items()}
-                covered.append(positions)
-                requests.append((worker, [slots[envs[p] - start] for p in positions], {**request, **fields}))
-        if not requests:
-            return []
-        replies = self._client.wait(self._send(requests, what), self._timeout)
-        return list(zip(covered, replies))
-
-    @property
-    def np_random_seed(self) -> tuple[int, ...]:
-        """Every env's ``np_random_seed``, read on its worker, as ``SyncVectorEnv``: ``(42, 43, ...)``
-        after ``reset(seed=42)``, the seeds given after ``reset(seed=[...])``, and each env's own
-        draw (a random int, up to 128 bits) while it was never seeded."""
-        return self.get_attr("np_random_seed")
 
     def render(self) -> Any:
         raise NotImplementedError("RemoteEnvVec.render(): frame streaming from remote workers is not available yet")
@@ -535,107 +403,3 @@ def _what_failed(exc: BaseException) -> str:
     """``Type: first line of the message``, for a reason shown later."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def _not_a_batch(space: gymnasium.spaces.Space, actions: Any) -> bool:
-    """Whether ``actions`` is of a type no batch of ``space`` has (what gymnasium's ``iterate``
-    refuses with a ``TypeError``), as opposed to a batch of the wrong shape or dtype."""
-    if isinstance(space, gymnasium.spaces.Dict):
-        return not isinstance(actions, Mapping)
-    if isinstance(space, gymnasium.spaces.Tuple):
-        return not isinstance(actions, (tuple, list, np.ndarray))
-    if isinstance(actions, (str, bytes, Mapping)):
-        return True
-    try:
-        return np.ndim(actions) == 0
-    except Exception:  # ragged: a sequence, of the wrong shape
-        return False
-
-
-def _what(value: Any) -> str:
-    if isinstance(value, np.ndarray):
-        return f"an array of shape {value.shape} and dtype {value.dtype}"
-    return f"{type(value).__name__} {reprlib.repr(value)}"
-
-
-def _gymnasium_version() -> tuple[int, int]:
-    parts = gymnasium.__version__.split(".")
-    try:
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return 1, 0
-
-
-# gymnasium 1.1 and 1.2 check reset_mask with bare asserts; the releases after raise TypeError or
-# ValueError in other words. Match the installed one: code and tests written against it catch those.
-_TYPED_MASK_ERRORS = _gymnasium_version() >= (1, 3)
-
-
-def _check_reset_mask(mask: Any, num_envs: int) -> np.ndarray:
-    """The checks of the installed gymnasium's ``SyncVectorEnv.reset``, in its order, types and words."""
-    if not _TYPED_MASK_ERRORS:
-        # Raised, not asserted: ``python -O`` must not skip the checks.
-        if not isinstance(mask, np.ndarray):
-            raise AssertionError(f"`options['reset_mask': mask]` must be a numpy array, got {type(mask)}")
-        if mask.shape != (num_envs,):
-            raise AssertionError(f"`options['reset_mask': mask]` must have shape `({num_envs},)`, got {mask.shape}")
-        if mask.dtype != np.bool_:
-            raise AssertionError(f"`options['reset_mask': mask]` must have `dtype=np.bool_`, got {mask.dtype}")
-        if not np.any(mask):
-            raise AssertionError(f"`options['reset_mask': mask]` must contain a boolean array, got reset_mask={mask}")
-        return mask
-    if not isinstance(mask, np.ndarray):
-        raise TypeError(f"`options['reset_mask']` must be a numpy array, got {type(mask)}")
-    if mask.shape != (num_envs,):
-        raise ValueError(f"`options['reset_mask']` must have shape `({num_envs},)`, got {mask.shape}")
-    if mask.dtype != np.bool_:
-        raise TypeError(f"`options['reset_mask']` must have `dtype=np.bool_`, got {mask.dtype}")
-    if not np.any(mask):
-        raise ValueError(f"`options['reset_mask']` must contain a boolean array with at least one True value, "
-                         f"got reset_mask={mask}")
-    return mask
-
-
-_ARRAY_SPACES = (gymnasium.spaces.Box, gymnasium.spaces.Discrete, gymnasium.spaces.MultiDiscrete,
-                 gymnasium.spaces.MultiBinary)
-
-
-def _slice(space: gymnasium.spaces.Space, batch: Any, start: int, stop: int) -> Any:
-    """Envs ``start:stop`` of a batched value (views for arrays)."""
-    if isinstance(space, gymnasium.spaces.Dict):
-        return {key: _slice(sub, batch[key], start, stop) for key, sub in space.spaces.items()}
-    if isinstance(space, gymnasium.spaces.Tuple):
-        return tuple(_slice(sub, batch[k], start, stop) for k, sub in enumerate(space.spaces))
-    if isinstance(space, _ARRAY_SPACES):
-        return np.asarray(batch)[start:stop]
-    return batch[start:stop]
-
-
-def _concat(space: gymnasium.spaces.Space, parts: list) -> Any:
-    """Join batched values from several workers along the env axis."""
-    if len(parts) == 1:
-        return parts[0]
-    if isinstance(space, gymnasium.spaces.Dict):
-        return {key: _concat(sub, [p[key] for p in parts]) for key, sub in space.spaces.items()}
-    if isinstance(space, gymnasium.spaces.Tuple):
-        return tuple(_concat(sub, [p[k] for p in parts]) for k, sub in enumerate(space.spaces))
-    if isinstance(space, _ARRAY_SPACES):
-        return np.concatenate(parts)
-    return tuple(x for part in parts for x in part)
-
-
-def _scatter(space: gymnasium.spaces.Space, batch: Any, idx: list[int], part: Any) -> Any:
-    """Write ``part`` (a batch for envs ``idx``) into ``batch`` in place where possible."""
-    if isinstance(space, gymnasium.spaces.Dict):
-        for key, sub in space.spaces.items():
-            batch[key] = _scatter(sub, batch[key], idx, part[key])
-        return batch
-    if isinstance(space, gymnasium.spaces.Tuple):
-        return tuple(_scatter(sub, batch[k], idx, part[k]) for k, sub in enumerate(space.spaces))
-    if isinstance(space, _ARRAY_SPACES):
-        batch[idx] = part
-        return batch
-    items = list(batch)
-    for i, value in zip(idx, part):
-        items[i] = value
-    return tuple(items)

@@ -23,14 +23,18 @@ import remoterl.env
 from remoterl.wire import codec
 from remoterl_test_envs import CountingEnv, RaisingEnv  # the same envs the worker-process tests use
 from remoterl.wire.spaces import space_from_wire
-from remoterl.workers.runtime import AUTORESET_MODES, SlotHost
+from remoterl.errors import ProtocolError
+from remoterl.wire import calls
+from remoterl.wire.calls import AUTORESET_MODES
+from remoterl.wire.envdesc import EnvDescription
+from remoterl.workers.runtime import SlotHost
 
 CLIENT = b"client-A"
 OTHER = b"client-B"
 SLOTS = [1, 2, 3]
 SEEDS = [0, 1, 2]
 
-# AutoresetMode -> the "m" a step call carries, from the runtime's own table.
+# AutoresetMode -> the "m" a step call carries, from the wire's own table.
 WIRE_MODE = {AutoresetMode[name.upper()]: code for code, name in AUTORESET_MODES.items()}
 
 
@@ -236,8 +240,21 @@ def test_open_describes_the_env(env_id):
     assert desc["spec"]["max_episode_steps"] == spec.max_episode_steps
     assert desc["spec"]["reward_threshold"] == spec.reward_threshold
     assert desc["spec"]["kwargs"] == {}
+
+    # What the client makes of it (RemoteEnv, RemoteEnvVec).
+    read = EnvDescription.from_wire(desc)
+    assert read.observation_space == local.observation_space and read.action_space == local.action_space
+    assert read.metadata == local.metadata and read.render_mode is None
+    assert read.spec.id == env_id and read.spec.max_episode_steps == spec.max_episode_steps
     local.close()
     host.close_all()
+
+
+@pytest.mark.parametrize("desc", [None, [], {}, {"observation_space": {"type": "Box"}},
+                                  {"observation_space": {"type": "Discrete", "n": 2, "start": 0, "dtype": "<i8"}}])
+def test_a_malformed_env_description_is_a_protocol_error(desc):
+    with pytest.raises(ProtocolError):
+        EnvDescription.from_wire(desc)
 
 
 def test_open_passes_kwargs_and_reports_render_mode():
@@ -833,3 +850,45 @@ def test_close_survives_an_env_whose_close_raises():
     assert sorted(host.slots) == [2]
     host.close_all()
     assert host.slots == {}
+
+
+# ----------------------------------------------------------------------------
+# The call builders the trainer side uses: exactly the maps docs/PROTOCOL.md §5.2 describes
+
+
+def test_call_builders_build_the_documented_maps():
+    action = np.array([0, 1, 0])
+    built_and_written = [
+        (calls.step(action, 1), {"op": "step", "a": action, "m": 1}),
+        (calls.step_single(0), {"op": "step", "a": 0, "single": True}),
+        (calls.reset([0, None], None), {"op": "reset", "seeds": [0, None], "options": None}),
+        (calls.reset_single(3, {"x": 1}), {"op": "reset", "seeds": [3], "options": {"x": 1}, "single": True}),
+        (calls.get_attr("gravity"), {"op": "get_attr", "name": "gravity"}),
+        (calls.get_attr("gravity", probe=True), {"op": "get_attr", "name": "gravity", "probe": True}),
+        (calls.set_attr("g", [1.0], force=False), {"op": "set_attr", "name": "g", "values": [1.0], "force": False}),
+        (calls.set_attr("g", force=True), {"op": "set_attr", "name": "g", "force": True}),
+        (calls.set_attr("g", outer=True), {"op": "set_attr", "name": "g", "outer": True}),
+        (calls.call("f", (1,), {"k": 2}), {"op": "call", "name": "f", "args": [1], "kwargs": {"k": 2}}),
+        (calls.call("f", strict=True), {"op": "call", "name": "f", "args": [], "kwargs": {}, "strict": True}),
+        (calls.is_wrapped(InfoWrapper),
+         {"op": "is_wrapped", "wrapper": f"{__name__}:InfoWrapper"}),
+    ]
+    for built, written in built_and_written:
+        # Byte for byte, key order included.
+        assert codec.encode(built) == codec.encode(written), written
+    assert {calls.mode_code(mode) for mode in AutoresetMode} == set(AUTORESET_MODES)
+    assert all(calls.mode_code(mode) == WIRE_MODE[mode] for mode in AutoresetMode)
+
+
+def test_the_host_answers_what_the_builders_build():
+    host = opened_host()
+    reply = call(host, {"r": 1, "slots": SLOTS, **calls.reset(list(SEEDS))})
+    assert reply[calls.OBS].shape == (3, 4) and len(reply[calls.INFOS]) == 3
+    reply = call(host, {"r": 2, "slots": SLOTS, **calls.step(np.array([0, 1, 0]), calls.SAME_STEP)})
+    assert set(reply) >= {"r", calls.OBS, calls.REWARDS, calls.TERMINATED, calls.TRUNCATED, calls.INFOS}
+    reply = call(host, {"r": 3, "slots": SLOTS, **calls.call("np_random_seed")})
+    assert calls.values_from_wire(reply, 3) == SEEDS
+    reply = call(host, {"r": 4, "slots": SLOTS, **calls.get_attr("render_mode", probe=True)})
+    assert calls.values_from_wire(reply, 3) == [True] * 3
+    reply = call(host, {"r": 5, "slots": SLOTS, **calls.is_wrapped(gymnasium.Wrapper)})
+    assert "error" not in reply and len(reply[calls.VALUES]) == 3

@@ -41,9 +41,10 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
-from remoterl.wire.actions import check_action, check_attr_name
-from remoterl.env import values_from_wire
 from remoterl.errors import InvalidActionError, ProtocolError
+from remoterl.wire import calls
+from remoterl.wire.actions import check_action, check_attr_name
+from remoterl.wire.calls import values_from_wire
 
 __all__ = ["RemoteEnvFn", "RemoteVecEnv", "patch", "remote_make_vec_env", "unpatch"]
 
@@ -160,7 +161,7 @@ class RemoteVecEnv(VecEnv):
             value = getattr(self.venv, "single_" + attr_name if attr_name.endswith("_space") else attr_name)
             return [self._set_since.get((attr_name, i), value) for i in envs]
         check_attr_name(attr_name)
-        values = self._per_env(envs, {"op": "get_attr", "name": attr_name}, f"get_attr({attr_name})", _attr_values)
+        values = self._per_env(envs, calls.get_attr(attr_name), f"get_attr({attr_name})", _attr_values)
         return [_EnvMethod(self, attr_name, i) if value is _CALLABLE else value for i, value in zip(envs, values)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
@@ -175,8 +176,8 @@ class RemoteVecEnv(VecEnv):
         """
         envs = self._target_envs(indices)
         check_attr_name(attr_name)
-        self._per_env(envs, {"op": "set_attr", "name": attr_name, "outer": True}, f"set_attr({attr_name})",
-                      lambda reply, k: [None] * k, same={"values": value})
+        self._per_env(envs, calls.set_attr(attr_name, outer=True), f"set_attr({attr_name})",
+                      lambda reply, k: [None] * k, same={calls.VALUES: value})
         if attr_name in _LOCAL_ATTRS:
             self._set_since.update(((attr_name, i), value) for i in envs)
 
@@ -196,8 +197,7 @@ class RemoteVecEnv(VecEnv):
         """
         envs = self._target_envs(indices)
         check_attr_name(method_name, call=True)
-        request = {"op": "call", "name": method_name, "args": list(method_args), "kwargs": method_kwargs,
-                   "strict": True}
+        request = calls.call(method_name, method_args, method_kwargs, strict=True)
         return self._per_env(envs, request, f"env_method({method_name})", values_from_wire)
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
@@ -212,8 +212,7 @@ class RemoteVecEnv(VecEnv):
         if not isinstance(wrapper_class, type):
             raise TypeError(f"env_is_wrapped takes a wrapper class, got {type(wrapper_class).__name__}")
         envs = self._target_envs(indices)
-        name = f"{wrapper_class.__module__}:{wrapper_class.__qualname__}"
-        return self._per_env(envs, {"op": "is_wrapped", "wrapper": name}, "env_is_wrapped", _flags)
+        return self._per_env(envs, calls.is_wrapped(wrapper_class), "env_is_wrapped", _flags)
 
     def _target_envs(self, indices: VecEnvIndices) -> list[int]:
         """The env indices ``indices`` picks, read as ``DummyVecEnv`` reads ``self.envs[i]``:
@@ -307,7 +306,7 @@ _CALLABLE = object()
 def _attr_values(reply: dict, k: int) -> list:
     """The values of a get_attr reply for ``k`` envs, ``_CALLABLE`` where the attribute is callable."""
     values = values_from_wire(reply, k)
-    marked = reply.get("callable") or []
+    marked = reply.get(calls.CALLABLE) or []
     if not isinstance(marked, list) or not all(isinstance(j, int) and 0 <= j < k for j in marked):
         raise ProtocolError("a get_attr reply's 'callable' must list positions in its values")
     for j in marked:
