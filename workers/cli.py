@@ -21,7 +21,8 @@ __all__ = ["main"]
 @click.option("--broker", default=lambda: os.environ.get("REMOTERL_BROKER", "tcp://127.0.0.1:5555"),
               show_default="$REMOTERL_BROKER or tcp://127.0.0.1:5555", help="The broker's address.")
 @click.option("--procs", type=click.IntRange(min=1), default=None,
-              help="Worker processes sharing the slots. [default: min(slots, CPU count)]")
+              help="Worker processes sharing the slots (with --ray: Ray actors). [default: min(slots, CPU count); "
+                   "with --ray: min(slots, the cluster's CPUs, the cluster's CPUs / --ray-cpus)]")
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Import this module first so the env ids it registers are served (repeatable).")
 @click.option("--allow-import", "allow_import", multiple=True, metavar="MODULE",
@@ -37,20 +38,36 @@ __all__ = ["main"]
 @click.option("--curve-serverkey", default=lambda: os.environ.get("REMOTERL_CURVE_SERVERKEY"),
               show_default="$REMOTERL_CURVE_SERVERKEY",
               help="The broker's CURVE public key (z85 text or its broker.key file): encrypts tcp traffic.")
+@click.option("--ray", "ray_address", metavar="ADDRESS", default=None,
+              help="Run the worker processes as Ray actors spread over a Ray cluster: 'auto' (the cluster "
+                   "this node belongs to, or $RAY_ADDRESS), 'HOST:PORT', 'ray://HOST:PORT', or 'local' (a private "
+                   "Ray instance in this process). --procs is then the number of actors. "
+                   "Needs Ray: pip install 'remoterl[ray]'.")
+@click.option("--ray-cpus", type=click.FloatRange(min=0.0), default=None,
+              help="CPUs each Ray actor asks of Ray (fractions allowed). [default: 1]")
+@click.option("--ray-timeout", type=click.FloatRange(min=1.0), default=None,
+              help="Seconds to wait for every Ray actor's worker to register. [default: 300]")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
 def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, imports: tuple[str, ...],
          allow_import: tuple[str, ...], heartbeat: float, liveness: int, name: str | None, api_key: str | None,
-         curve_serverkey: str | None, verbose: int) -> None:
+         curve_serverkey: str | None, ray_address: str | None, ray_cpus: float | None, ray_timeout: float | None,
+         verbose: int) -> None:
     """Host environment slots for trainers, through a broker.
 
     \b
       remoterl-worker --env CartPole-v1 -n 8 --broker tcp://127.0.0.1:5555
       remoterl-worker --import mypkg.envs --env MyEnv-v0 -n 4 --procs 2
+      remoterl-worker --ray auto --env CartPole-v1 -n 512 --broker tcp://HEAD:5555
 
     An exception inside an env is sent to the trainer with its traceback; the
     worker keeps serving its other slots. When the broker restarts, the worker
     registers again by itself. SIGTERM finishes the call in flight, says
     DISCONNECT and exits 0.
+
+    With --ray, each worker process is a Ray actor (ray-0, ray-1, ... or NAME-0,
+    NAME-1, ... in `remoterl status`) that Ray restarts if it dies. The command
+    says so once every actor's worker has registered, then runs until SIGINT or
+    SIGTERM, which stop the actors (exit 0). Try it on a laptop with --ray local.
     """
     import gymnasium
 
@@ -72,6 +89,16 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
             raise click.ClickException(
                 f"unknown env id {env_id!r}.{hint} (Use --import MODULE for env ids your own code registers.)")
     served = list(env_ids) or None
+    if ray_address is None and (ray_cpus is not None or ray_timeout is not None):
+        raise click.UsageError("--ray-cpus and --ray-timeout need --ray ADDRESS")
+    if ray_address is not None:
+        def make_spec(i: int, capacity: int) -> WorkerSpec:
+            return WorkerSpec(broker, served, capacity, list(imports), list(allow_import), heartbeat, liveness,
+                              f"{name or 'ray'}-{i}", level, api_key or None, curve_serverkey or None)
+
+        _serve_on_ray(ray_address, 1.0 if ray_cpus is None else ray_cpus, 300.0 if ray_timeout is None else ray_timeout,
+                      n, procs, make_spec, broker, ", ".join(env_ids) if env_ids else "every registered env id")
+        return
     procs = procs or min(n, os.cpu_count() or 1)
     procs = min(procs, n)
     capacities = split_capacity(n, procs)
@@ -102,6 +129,80 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     if code == REFUSED_EXIT_CODE:
         raise click.ClickException("the broker refused the worker processes (see the errors above)")
     sys.exit(code)
+
+
+def _serve_on_ray(address: str, cpus: float, timeout: float, n: int, procs: int | None, make_spec, broker: str,
+                  what: str) -> None:
+    """``--ray``: start the actors, wait for SIGINT/SIGTERM, stop them; exit 0."""
+    import threading
+
+    from remoterl.workers.pool import split_capacity
+    from remoterl.workers.raypool import RayPoolError, RayWorkerPool, cluster_cpus, connect
+
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        stopping.set()
+
+    click.echo(f"remoterl worker: connecting to Ray ({address})...", err=True)
+    try:
+        owns_ray = connect(address)
+    except RayPoolError as exc:
+        raise click.ClickException(str(exc)) from exc
+    # After ray.init, which installs handlers of its own.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        cpus_total = cluster_cpus()
+        if procs is None:
+            fit = cpus_total / cpus if cpus > 0 else cpus_total
+            procs = max(1, int(min(n, cpus_total, fit)))
+        procs = min(procs, n)
+        specs = [make_spec(i, cap) for i, cap in enumerate(split_capacity(n, procs))]
+        click.echo(f"remoterl worker: {n} slots of {what} in {procs} Ray actor(s) ({cpus:g} CPU each, the cluster "
+                   f"has {cpus_total:g}), broker {broker}", err=True)
+        if procs * cpus > cpus_total:
+            click.echo(f"remoterl worker: warning: {procs} actors × {cpus:g} CPU > the cluster's {cpus_total:g} CPUs: "
+                       f"the rest wait for Ray to find room (an autoscaling cluster adds nodes; else lower --procs "
+                       f"or --ray-cpus)", err=True)
+        pool = RayWorkerPool(specs, address=address, cpus_per_actor=cpus)
+        bar = None
+        if sys.stderr.isatty() and procs > 8:
+            from tqdm import tqdm
+
+            bar = tqdm(total=procs, desc="workers registered", unit="actor", file=sys.stderr)
+
+        def _progress(i: int, info: dict) -> None:
+            if bar is not None:
+                bar.update(1)
+            else:
+                slots = f"{info['capacity']} slot{'' if info['capacity'] == 1 else 's'}"
+                click.echo(f"  {info['name']}: {slots}, pid {info['pid']} on {info['host']}", err=True)
+
+        try:
+            pool.start(timeout=timeout, progress=_progress, cancelled=stopping.is_set)
+        except RayPoolError as exc:
+            if stopping.is_set():
+                return
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            if bar is not None:
+                bar.close()
+        hosts = sorted({info["host"] for info in pool.infos if info})
+        click.echo(f"remoterl worker: {procs} Ray actor(s) with {n} slots registered with {broker}, on "
+                   f"{len(hosts)} node(s): {', '.join(hosts[:8])}{', ...' if len(hosts) > 8 else ''}. "
+                   f"Ctrl-C (or SIGTERM) stops them.", err=True)
+        try:
+            while not stopping.wait(1.0):
+                pass
+        finally:
+            click.echo("remoterl worker: stopping the Ray actors...", err=True)
+            pool.stop()
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,10 +14,14 @@ import signal
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from typing import TYPE_CHECKING
 
 from remoterl.errors import RemoteRLError
 
-__all__ = ["REFUSED_EXIT_CODE", "WorkerPool", "WorkerSpec", "run_worker", "split_capacity"]
+if TYPE_CHECKING:
+    from remoterl.workers.loop import WorkerLoop
+
+__all__ = ["REFUSED_EXIT_CODE", "WorkerPool", "WorkerSpec", "make_worker_loop", "run_worker", "split_capacity"]
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +56,13 @@ def split_capacity(n: int, procs: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(procs)]
 
 
-def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
-    """Run one worker in this process until SIGTERM/SIGINT (the child's entry point)."""
-    from remoterl.io.process import die_with_parent
+def make_worker_loop(spec: WorkerSpec) -> WorkerLoop:
+    """The worker ``spec`` describes, built in this process: modules imported, a slot host
+    and a :class:`~remoterl.workers.loop.WorkerLoop` not yet running (a process of
+    :class:`WorkerPool` runs it in its main thread, a Ray actor in a thread of its own)."""
     from remoterl.workers.loop import WorkerLoop
     from remoterl.workers.runtime import SlotHost, import_modules
 
-    if parent_pid is not None:
-        die_with_parent(parent_pid)
-        logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import_modules(spec.imports)
     allow = None if spec.allow_import is None else [*spec.imports, *spec.allow_import]
     link = None
@@ -71,9 +73,19 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
 
         # Our own broker's messages: its core already checked their size against its limit.
         link = Link(socket.socket(fileno=spec.link_fd), max_message_size=1 << 62)
-    loop = WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity, allow_import=allow),
+    return WorkerLoop(spec.url, SlotHost(spec.env_ids, spec.capacity, allow_import=allow),
                       heartbeat=spec.heartbeat, liveness=spec.liveness, name=spec.name, api_key=spec.api_key,
                       curve_serverkey=spec.curve_serverkey, link=link)
+
+
+def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
+    """Run one worker in this process until SIGTERM/SIGINT (the child's entry point)."""
+    from remoterl.io.process import die_with_parent
+
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+        logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    loop = make_worker_loop(spec)
 
     def _stop(signum: int, _frame: object) -> None:
         loop.stop()
