@@ -173,7 +173,7 @@ class Sessions:
                     f"worker {peer_name(peer, worker.info)} has more calls queued than it can take; "
                     f"retry when its replies come back"))
                 return
-            self._call_error(client_id, msg[3], "worker_lost", f"worker {peer_name(peer, worker.info)} is not connected")
+            self._call_error(client_id, msg[3], "worker_lost", f"worker {peer_name(peer, worker.info)} is lost: not connected")
         if not full:
             log.warning("worker %s cannot be reached; purging it", peer_name(peer, worker.info))
             self.purge_worker(worker, "is not connected")

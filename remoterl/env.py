@@ -24,6 +24,7 @@ import gymnasium
 
 from remoterl.client.registry import get_client
 from remoterl.errors import EnvClosedError, ProtocolError, RemoteAttributeError
+from remoterl.failover import LOST_FLAG, LostClient, check_policy, is_lost, reopen
 from remoterl.wire import calls
 from remoterl.wire.actions import check_action, check_attr_name
 from remoterl.wire.calls import INFO, OBS, REWARDS, TERMINATED, TRUNCATED, values_from_wire
@@ -44,6 +45,11 @@ class RemoteEnv(gymnasium.Env):
             ``$REMOTERL_BROKER``.
         client: an explicit :class:`remoterl.Client` (overrides ``broker``).
         timeout: seconds to wait for each reply (default: the client's).
+        on_worker_lost: ``"raise"`` (``WorkerLostError``; the default unless ``remoterl.init``
+            says otherwise) or ``"truncate"``: when the worker dies (or the broker restarts),
+            the env is re-opened on a worker still serving the id (waiting up to ``timeout``)
+            and the step returns the last observation, reward 0, ``truncated=True`` and
+            ``info["remoterl_worker_lost"] = True``; the next ``reset()`` starts on the new env.
         **kwargs: passed to ``gymnasium.make`` on the worker (``max_episode_steps``,
             env constructor arguments, ...).
 
@@ -54,11 +60,16 @@ class RemoteEnv(gymnasium.Env):
     """
 
     def __init__(self, env_id: str, *, broker: str | None = None, client: Any = None,
-                 timeout: float | None = None, _bare: bool = False, **kwargs: Any) -> None:
+                 timeout: float | None = None, on_worker_lost: str | None = None, _bare: bool = False,
+                 **kwargs: Any) -> None:
+        self._on_lost = check_policy(on_worker_lost)
         self._client = client if client is not None else get_client(broker)
+        self._clients = LostClient(self._client, client is None, broker)
         self._timeout = timeout
-        opts = {"bare": True} if _bare else None
-        opened = self._client.open(env_id, 1, kwargs, opts=opts, timeout=timeout)
+        self._opts = {"bare": True} if _bare else None
+        self._kwargs = kwargs
+        self._last_obs: Any = None
+        opened = self._client.open(env_id, 1, kwargs, opts=self._opts, timeout=timeout)
         self._slot = opened.slots[0]
         self._worker = opened.workers[0]
         self._slots = [self._slot]
@@ -75,7 +86,16 @@ class RemoteEnv(gymnasium.Env):
         """Reset the remote env; ``seed`` and ``options`` as in ``gymnasium.Env.reset``."""
         super().reset(seed=seed)
         self._ensure_open()
-        reply = self._client.call(self._worker, self._slots, calls.reset_single(seed, options), self._timeout)
+        request = calls.reset_single(seed, options)
+        try:
+            reply = self._client.call(self._worker, self._slots, request, self._timeout)
+        except Exception as exc:
+            if self._on_lost != "truncate" or not is_lost(exc):
+                raise
+            self._replace(exc)
+            reply = self._client.call(self._worker, self._slots, calls.reset_single(seed, options), self._timeout)
+            reply[INFO] = {**reply[INFO], LOST_FLAG: True}
+        self._last_obs = reply[OBS]
         return reply[OBS], reply[INFO]
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
@@ -87,8 +107,26 @@ class RemoteEnv(gymnasium.Env):
         """
         self._ensure_open()
         check_action(self.action_space, action)
-        reply = self._client.call(self._worker, self._slots, calls.step_single(action), self._timeout)
+        try:
+            reply = self._client.call(self._worker, self._slots, calls.step_single(action), self._timeout)
+        except Exception as exc:
+            if self._on_lost != "truncate" or not is_lost(exc):
+                raise
+            self._replace(exc)  # the episode ends here; reset() starts on the replacement
+            return self._last_obs, 0.0, False, True, {LOST_FLAG: True}
+        self._last_obs = reply[OBS]
         return reply[OBS], reply[REWARDS], reply[TERMINATED], reply[TRUNCATED], reply[INFO]
+
+    def _replace(self, why: BaseException) -> None:
+        """Re-open this env's slot on a worker still serving the id (``on_worker_lost="truncate"``)."""
+        old = self._clients.client
+        bound = self._timeout if self._timeout is not None else old.timeout
+        opened = reopen(self._clients, self.env_id, 1, self._kwargs, self._opts, bound, why)
+        if self._clients.client is old:
+            old.close_slots(self._slots)  # the lost slot is just forgotten
+        self._client = self._clients.client
+        self._slot, self._worker = opened.slots[0], opened.workers[0]
+        self._slots = [self._slot]
 
     def render(self) -> Any:
         """Not available yet: frames are not streamed from workers."""
@@ -102,6 +140,8 @@ class RemoteEnv(gymnasium.Env):
             return
         self._closed = True
         self._client.close_slots(self._slots)
+        if self._clients.owned is not None:  # a client made here to replace a lost one
+            self._clients.owned.close()
 
     # --- remote attributes -------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ import threading
 from typing import Any
 
 from remoterl.client.registry import Settings, close_clients, configure, get_client, settings
+from remoterl.failover import POLICIES
 from remoterl.io.wsgateway import close_gateways
 
 __all__ = ["Settings", "get_client", "init", "patch_loaded", "settings", "shutdown"]
@@ -41,7 +42,8 @@ _atexit_registered = False
 
 def init(api_key: str | None = None, role: str = "trainer", *, broker: str | None = None,
          num_workers: int | None = None, slots_per_worker: int = 256, timeout: float = 60.0,
-         heartbeat: float = 1.0, liveness: int = 3, patch: bool = True) -> Settings | None:
+         heartbeat: float = 1.0, liveness: int = 3, patch: bool = True,
+         on_worker_lost: str | None = None) -> Settings | None:
     """Configure remoterl for this process.
 
     Args:
@@ -56,6 +58,12 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
         timeout: default seconds to wait for each remote call.
         heartbeat, liveness: for the embedded broker (and a simulator's worker).
         patch: patch ``gymnasium.make`` / ``make_vec`` / ``register`` (trainer role).
+        on_worker_lost: what envs do when their worker dies or the broker restarts:
+            ``"raise"`` (default: ``WorkerLostError``) or ``"truncate"`` (the envs are re-opened
+            on the workers still serving the env id and their episodes end with
+            ``truncated=True`` and ``info["remoterl_worker_lost"] = True``; training goes on).
+            The default for ``RemoteEnv``, ``RemoteEnvVec``, ``make``/``make_vec``, SB3's
+            ``RemoteVecEnv`` and RLlib's env runners.
 
     Returns:
         The settings (trainer role); a simulator returns None when interrupted.
@@ -64,13 +72,15 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
     raises ``ValueError`` (call :func:`shutdown` first).
 
     Raises:
-        ValueError: unknown role, the simulator role without a broker URL, or a second
-            call asking for another broker or key.
+        ValueError: unknown role or ``on_worker_lost``, the simulator role without a broker
+            URL, or a second call asking for another broker, key or ``on_worker_lost``.
         BrokerUnavailableError: no broker answers at the URL.
     """
     global _atexit_registered
     if role not in ("trainer", "simulator"):
         raise ValueError(f"role must be 'trainer' or 'simulator', got {role!r}")
+    if on_worker_lost not in (None, *POLICIES):
+        raise ValueError(f"on_worker_lost must be one of {POLICIES}, got {on_worker_lost!r}")
     explicit_key = api_key
     api_key = api_key or os.environ.get("REMOTERL_API_KEY") or None
     url = broker or os.environ.get("REMOTERL_BROKER") or None
@@ -83,6 +93,9 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
         current = settings()
         if current is not None:
             _check_same(current, broker, explicit_key)
+            if on_worker_lost is not None and on_worker_lost != current.on_worker_lost:
+                raise ValueError(f"remoterl.init() already runs with on_worker_lost={current.on_worker_lost!r}; "
+                                 f"call remoterl.shutdown() first to change it")
             return current  # init twice with nothing new: harmless, the settings stay
         embedded = None
         children_url = url
@@ -93,7 +106,8 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
                                 imports=_registering_modules())
             children_url = embedded.start()
             url = embedded.local_url or children_url
-        current = Settings(role, url, api_key, timeout, embedded, children_broker=children_url or "")
+        current = Settings(role, url, api_key, timeout, embedded, children_broker=children_url or "",
+                           on_worker_lost=on_worker_lost or "raise")
         configure(current)
         if not _atexit_registered:
             atexit.register(shutdown)

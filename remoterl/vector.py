@@ -41,7 +41,9 @@ from gymnasium.vector.utils import batch_space
 
 from remoterl.client.registry import get_client
 from remoterl.errors import ActionNotBatchedError, InvalidActionError, RemoteRLError, ResetNeededError
+from remoterl.failover import LostClient, check_policy
 from remoterl.vector_attrs import VectorAttrs
+from remoterl.vector_failover import VectorFailover
 from remoterl.vector_batch import check_reset_mask, concat, describe_value, not_a_batch, scatter, slice_batch
 from remoterl.wire import calls
 from remoterl.wire.actions import check_actions
@@ -51,7 +53,7 @@ from remoterl.wire.envdesc import EnvDescription
 __all__ = ["RemoteEnvVec"]
 
 
-class RemoteEnvVec(VectorAttrs, VectorEnv):
+class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
     """A vector of remote envs, stepped with one message per worker.
 
     Args:
@@ -64,6 +66,11 @@ class RemoteEnvVec(VectorAttrs, VectorEnv):
         max_workers: spread the slots over at most this many workers (cheap envs run
             faster packed on one worker; slow simulators faster spread).
         timeout: seconds to wait for each step, reset and attribute call (default: the client's).
+        on_worker_lost: ``"raise"`` (``WorkerLostError``, the default unless ``remoterl.init``
+            says otherwise) or ``"truncate"``: the envs of a worker that died (or of a broker
+            that restarted) are re-opened on the workers still serving the env id, waiting up
+            to ``timeout`` for capacity, and their episodes end with ``truncated=True`` and
+            ``info["remoterl_worker_lost"] = True`` (:mod:`remoterl.vector_failover`).
         **kwargs: for ``gymnasium.make`` on the workers (``max_episode_steps``, env
             constructor arguments, ...).
     """
@@ -71,18 +78,22 @@ class RemoteEnvVec(VectorAttrs, VectorEnv):
     def __init__(self, env_id: str, num_envs: int, *,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
                  broker: str | None = None, client: Any = None, max_workers: int | None = None,
-                 timeout: float | None = None, **kwargs: Any) -> None:
+                 timeout: float | None = None, on_worker_lost: str | None = None, **kwargs: Any) -> None:
         # Until the slots are open there is nothing to close (VectorEnv.__del__ checks this).
         self.closed = True
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self._mode = calls.mode_code(self.autoreset_mode)
+        self._on_lost = check_policy(on_worker_lost)
         self._client = client if client is not None else get_client(broker)
+        self._clients = LostClient(self._client, client is None, broker)
+        self._kwargs = kwargs
         self._timeout = timeout
         self._state = AsyncState.DEFAULT
         self._pending: list = []
-        self._resetting: tuple[list[list[int]], np.ndarray | None] = ([], None)  # (envs per request, mask)
+        # (envs per request, mask, seeds, options) of the reset in flight
+        self._resetting: tuple[list[list[int]], np.ndarray | None, list, dict | None] = ([], None, [], None)
         self._answered: tuple | None = None  # a call answered from the description, until call_wait
         # Why the vector is out of step with its workers (None: in step): see the module docstring.
         self._out_of_step: str | None = None
@@ -91,13 +102,9 @@ class RemoteEnvVec(VectorAttrs, VectorEnv):
         by_worker: dict[bytes, list[int]] = {}
         for slot, worker in zip(opened.slots, opened.workers):
             by_worker.setdefault(worker, []).append(slot)
-        self._groups: list[tuple[bytes, list[int], int, int]] = []
-        start = 0
-        for worker, slots in by_worker.items():
-            self._groups.append((worker, slots, start, start + len(slots)))
-            start += len(slots)
-        self._all_slots = [s for _, slots, _, _ in self._groups for s in slots]
-        self._env_of_slot = {slot: i for i, slot in enumerate(self._all_slots)}
+        # Each worker's slots are consecutive envs: one message per worker per step.
+        self._set_slots([w for w, slots in by_worker.items() for _ in slots],
+                        [s for slots in by_worker.values() for s in slots])
 
         desc = EnvDescription.from_wire(opened.env)
         self.env_id = env_id
@@ -205,16 +212,21 @@ class RemoteEnvVec(VectorAttrs, VectorEnv):
                              calls.reset([seeds[i] for i in idx], options)))
             picked.append(idx)
         self._pending = self._send(requests, "reset")
-        self._resetting = (picked, mask)
+        self._resetting = (picked, mask, seeds, options)
         self._state = AsyncState.WAITING_RESET
 
     def _wait_reset(self, timeout: float | None) -> tuple[Any, list[tuple[int, dict]]]:
         pending, self._pending = self._pending, []
-        (picked, mask), self._resetting = self._resetting, ([], None)
+        (picked, mask, seeds, options), self._resetting = self._resetting, ([], None, [], None)
         self._state = AsyncState.DEFAULT
         try:
             replies = self._client.wait(pending, timeout if timeout is not None else self._timeout)
         except BaseException as exc:
+            if self._recoverable(pending):  # on_worker_lost="truncate" and envs were lost
+                obs, env_infos = self._recover_reset(pending, picked, mask, seeds, options, exc)
+                if mask is None:
+                    self._out_of_step = None
+                return obs, env_infos
             # Some envs may be reset, others not, and a late reply may still come: in step again
             # only after a reset that succeeds.
             self._fall_out_of_step(f"the last reset failed ({_what_failed(exc)})")
@@ -306,6 +318,8 @@ class RemoteEnvVec(VectorAttrs, VectorEnv):
         try:
             replies = self._client.wait(pending, timeout if timeout is not None else self._timeout)
         except BaseException as exc:
+            if self._recoverable(pending):  # on_worker_lost="truncate" and envs were lost
+                return self._recover_step(pending, exc)
             self._step_failed(exc, pending)
             raise
         if len(replies) == 1:
@@ -337,6 +351,8 @@ class RemoteEnvVec(VectorAttrs, VectorEnv):
                 pass
             self._state = AsyncState.DEFAULT
         self._client.close_slots(self._all_slots)
+        if self._clients.owned is not None:  # a client made here to replace a lost one
+            self._clients.owned.close()
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -352,9 +368,10 @@ class RemoteEnvVec(VectorAttrs, VectorEnv):
         workers that got theirs run them: a step or reset leaves the vector out of step.
         """
         pending = []
+        send = self._send_or_note_lost if what in ("step", "reset") else self._client.send_call
         try:
             for worker, slots, request in requests:
-                pending.append(self._client.send_call(worker, slots, request, what))
+                pending.append(send(worker, slots, request, what))
         except BaseException as exc:
             if pending and what in ("step", "reset"):
                 self._fall_out_of_step(f"the last {what} reached only some of the workers ({_what_failed(exc)})")

@@ -195,3 +195,42 @@ def test_worker_killed_mid_training_raises_worker_lost_in_the_driver(ray_cluster
         assert isinstance(caught.value, ray.exceptions.RayTaskError)  # raised by a runner, re-raised here
     finally:
         algo.stop()
+
+
+def test_worker_killed_mid_training_is_survived_with_truncate(ray_cluster, procs, broker_url):
+    start_broker(procs, broker_url)
+    workers = [start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "8", "--procs", "1", expect=i + 1)
+               for i in range(2)]
+    config = small_ppo(PPOConfig().environment("CartPole-v1"), 2, 2, 32)
+    # Runners are not restarted: the RemoteEnvVec inside each replaces its lost envs itself.
+    config = remote_env_runners(config.fault_tolerance(restart_failed_env_runners=False), broker=broker_url,
+                                on_worker_lost="truncate")
+    algo = config.build_algo()
+    try:
+        algo.train()
+        pids = {w["pid"]: w["id"] for w in status(broker_url)["workers"]}
+        victim = next(p for p in workers if p.pid in pids)
+        calls = worker_counters(broker_url)[pids[victim.pid]][0]
+        killed = threading.Event()
+
+        def kill_while_sampling() -> None:
+            wait_for(lambda: worker_counters(broker_url)[pids[victim.pid]][0] > calls + 3, what="sampling")
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.set()
+
+        killer = threading.Thread(target=kill_while_sampling, daemon=True)
+        killer.start()
+        deadline = time.monotonic() + 3 * T
+        trained_after = 0
+        while trained_after < 2:
+            assert time.monotonic() < deadline, "training did not go on after the worker's death"
+            was_killed = killed.is_set()
+            result = algo.train()  # never raises: the lost envs are replaced
+            trained_after += was_killed
+        killer.join(T)
+        # Every runner's envs now live on the surviving worker.
+        assert [w["pid"] for w in status(broker_url)["workers"]] != [victim.pid]
+        assert status(broker_url)["open_slots"] == 4
+        assert result["env_runners"]["num_env_steps_sampled_lifetime"] > 0
+    finally:
+        algo.stop()

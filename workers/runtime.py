@@ -219,6 +219,9 @@ class SlotHost:
             return reply
         opts = header.get("opts") or {}
         bare = isinstance(opts, dict) and bool(opts.get("bare"))
+        # A replacement for an env lost with its worker: its episode ended there, so it starts
+        # as a slot that just ended (the next NEXT_STEP step resets it; DISABLED wants a reset).
+        ended = isinstance(opts, dict) and bool(opts.get("ended"))
         created: list[Slot] = []
         try:
             for slot_id in slot_ids:
@@ -228,7 +231,7 @@ class SlotHost:
                     # host the env without them, so none is applied twice.
                     env = env.unwrapped
                 _reset_without_options(env.unwrapped)
-                created.append(Slot(slot_id, client, env_id, env))
+                created.append(Slot(slot_id, client, env_id, env, autoreset=ended))
             reply["env"] = codec.encode(describe(created[0].env), frame_threshold=1 << 62, name="env")[0]
         except Exception as exc:  # env construction is user code: report, never crash
             for slot in created:

@@ -195,6 +195,16 @@ class Client:
         if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
             self._hb_thread.join(2.0)
 
+    def reconnected(self) -> Client:
+        """A new client with this one's settings, connected (to replace a lost one).
+
+        Raises:
+            BrokerUnavailableError: no broker answers (yet).
+        """
+        return Client(self.url, timeout=self.timeout, connect_timeout=self.connect_timeout, name=self.name,
+                      api_key=self._api_key, curve_serverkey=self._curve, context=self._ctx,
+                      in_process=broker_at(self.url)).connect()
+
     def __enter__(self) -> Client:
         return self if self._connected else self.connect()
 

@@ -43,6 +43,9 @@ class Settings:
     # How other processes (SubprocVecEnv children, Ray actors) reach the broker: the
     # embedded broker's tcp address where this process itself uses inproc.
     children_broker: str = ""
+    # What envs do when their worker or the broker is lost: "raise" or "truncate"
+    # (remoterl.failover); the default of RemoteEnv, RemoteEnvVec and the integrations.
+    on_worker_lost: str = "raise"
 
     def __post_init__(self) -> None:
         self.children_broker = self.children_broker or self.broker

@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 # Keys of config.extra_python_environs_for_worker that carry remoterl's settings to the runners
 # (the names remoterl.init reads; REMOTERL_TIMEOUT is read by RemoteEnvRunner only).
 BROKER_KEY, API_KEY_KEY, TIMEOUT_KEY = "REMOTERL_BROKER", "REMOTERL_API_KEY", "REMOTERL_TIMEOUT"
+ON_LOST_KEY = "REMOTERL_ON_WORKER_LOST"
 
 _OLD_STACK = (
     "remoterl supports RLlib's new API stack only (EnvRunner, RLModule, Learner), and this config "
@@ -149,9 +150,11 @@ class RemoteEnvRunner(SingleAgentEnvRunner):
         client = _client(self.config)
         if target.registration is not None:
             _mirror(client, target)
-        timeout = _carried(self.config).get(TIMEOUT_KEY)
+        carried = _carried(self.config)
+        timeout = carried.get(TIMEOUT_KEY)
         return RemoteEnvVec(target.env_id, num_envs, autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
-                            client=client, timeout=float(timeout) if timeout else None, **target.kwargs)
+                            client=client, timeout=float(timeout) if timeout else None,
+                            on_worker_lost=carried.get(ON_LOST_KEY) or None, **target.kwargs)
 
 
 def _raise(runner: Any, exc: BaseException) -> Any:
@@ -326,7 +329,7 @@ def check_config(config: AlgorithmConfig) -> None:
 
 
 def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
-                       api_key: str | None = None) -> AlgorithmConfig:
+                       api_key: str | None = None, on_worker_lost: str | None = None) -> AlgorithmConfig:
     """Make ``config``'s env runners step remote envs: one ``RemoteEnvVec`` per runner.
 
     Sets ``env_runner_cls`` to :class:`RemoteEnvRunner` and carries the broker's address,
@@ -339,6 +342,10 @@ def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
         broker: the broker's URL as the runners reach it (default: what ``remoterl.init``
             configured for other processes, else ``$REMOTERL_BROKER``).
         api_key: default: ``remoterl.init``'s, else ``$REMOTERL_API_KEY``.
+        on_worker_lost: ``"raise"`` or ``"truncate"`` for the runners' ``RemoteEnvVec``
+            (default: ``remoterl.init``'s, else ``"raise"``): with ``"truncate"``, a dead
+            simulator's envs are re-opened elsewhere, their episodes truncated, and
+            ``algo.train()`` goes on.
 
     Returns:
         ``config``, for chaining.
@@ -349,8 +356,9 @@ def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
         BrokerUnavailableError: no broker configured.
         NoWorkerError: every worker refused to register the env's creator.
     """
-    from remoterl.errors import BrokerUnavailableError
     from remoterl.client.registry import settings
+    from remoterl.errors import BrokerUnavailableError
+    from remoterl.failover import check_policy
 
     check_config(config)
     current = settings()
@@ -375,6 +383,9 @@ def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
         carried[API_KEY_KEY] = key
     if current is not None:
         carried.setdefault(TIMEOUT_KEY, repr(float(current.timeout)))
+    policy = on_worker_lost or carried.get(ON_LOST_KEY) or (current.on_worker_lost if current is not None else None)
+    if policy is not None:
+        carried[ON_LOST_KEY] = check_policy(policy)
     if runner_cls is None:
         config.env_runners(env_runner_cls=RemoteEnvRunner)
     if carried != _carried(config):

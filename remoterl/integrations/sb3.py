@@ -70,15 +70,20 @@ class RemoteVecEnv(VecEnv):
         max_workers: spread the slots over at most this many workers.
         env_kwargs: for ``gymnasium.make`` on the workers.
         timeout: seconds to wait for each step.
+        on_worker_lost: ``"raise"`` or ``"truncate"`` (default: ``remoterl.init``'s, else
+            ``"raise"``): with ``"truncate"``, the envs of a worker that died are re-opened
+            elsewhere and their episodes end there (``TimeLimit.truncated``,
+            ``terminal_observation`` the last observation, ``info["remoterl_worker_lost"]``).
     """
 
     def __init__(self, env_id: str, n_envs: int = 1, *, broker: str | None = None, client: Any = None,
                  max_workers: int | None = None, env_kwargs: dict | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, on_worker_lost: str | None = None) -> None:
         from remoterl.vector import RemoteEnvVec
 
         self.venv = RemoteEnvVec(env_id, n_envs, autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP,
                                  broker=broker, client=client, max_workers=max_workers, timeout=timeout,
+                                 on_worker_lost=on_worker_lost,
                                  **(env_kwargs or {}))
         # (attribute of _LOCAL_ATTRS, env index) -> the value set_attr set there since (an env
         # hosted without wrappers takes a render_mode; what cannot travel is never set).
