@@ -15,12 +15,13 @@ import numpy as np
 
 from measure import (IMAGE_ID, SLOW_ID, BridgedBroker, Figure, Session, closing, compare_latencies, compare_rates,
                      env_step_timer, local_vector, median, plural, vector_stepper)
+from failover import case_failover
 from scale import case_scale
 
 __all__ = ["CASES", "run_case"]
 
 # Case names, in the order they run.
-CASES = ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale", "embedded", "abuse")
+CASES = ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale", "embedded", "failover", "abuse")
 
 # A broker in its own process with one worker: for the latency case (the floor's topology),
 # kept for the embedded case (which releases it; Session.close does otherwise).
@@ -375,5 +376,6 @@ _CASES: dict[str, Callable[[Session, Callable[[str], None]], Iterator[Figure]]] 
     "sb3": case_sb3,
     "scale": case_scale,
     "embedded": case_embedded,
+    "failover": case_failover,
     "abuse": case_abuse,
 }
