@@ -60,6 +60,15 @@ class RLClient:
     inflight: dict = field(default_factory=dict)  # worker id -> calls forwarded, not yet answered
     hb_from: bytes | None = None  # the socket its heartbeats come from (a side socket)
 
+    def answered(self, worker: bytes) -> None:
+        """One call to ``worker`` is no longer in flight (answered, or undeliverable)."""
+        inflight = self.inflight
+        n = inflight.get(worker, 0)
+        if n > 1:
+            inflight[worker] = n - 1
+        else:
+            inflight.pop(worker, None)
+
 
 class Peers:
     """The remoterl workers and clients, by routing id, and ``env_index``: env id -> the

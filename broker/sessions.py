@@ -124,12 +124,7 @@ class Sessions:
             return
         client = self._clients.get(client_id)  # always there while it holds slots here
         if client is not None:
-            inflight = client.inflight
-            n = inflight.get(sender, 0)
-            if n > 1:
-                inflight[sender] = n - 1
-            else:
-                inflight.pop(sender, None)
+            client.answered(sender)
         self._out.append([client_id, _C_REPLY, *frames[2:]])
 
     def _call_refused(self, sender: bytes, frames: list, worker_id: bytes, client: RLClient | None) -> None:
@@ -161,12 +156,7 @@ class Sessions:
             client_id = p.as_bytes(msg[2])
             client = self._clients.get(client_id)
             if client is not None:
-                inflight = client.inflight
-                n = inflight.get(peer, 0)
-                if n > 1:
-                    inflight[peer] = n - 1
-                else:
-                    inflight.pop(peer, None)
+                client.answered(peer)
             if full:
                 self._tenants.count("calls_limited", worker.tenant)
                 self._call_error(client_id, msg[3], "limit", (
