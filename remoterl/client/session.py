@@ -310,7 +310,13 @@ class ClientCore:
                     log.warning("broker error: %s", header.get("msg"))
                 return
             if command == C.ERROR:
-                entry.complete(error=error_from_wire(header))
+                error = error_from_wire(header)
+                entry.complete(error=error)
+                if isinstance(error, WorkerLostError) and entry.worker is not None:
+                    # A CALL refused because its worker is gone: every slot there is lost now,
+                    # not only once the broker's WORKER_LOST (which may follow) is read.
+                    self._lose_worker(entry.worker, str(error), [s for s, st in self.slots.items()
+                                                                 if st.worker == entry.worker])
             else:
                 entry.complete(header)
             return
@@ -324,6 +330,10 @@ class ClientCore:
         slots = header.get("slots") or []
         if not isinstance(slots, list) or not all(isinstance(s, int) for s in slots):
             raise ProtocolError("WORKER_LOST slots must be a list of integers")
+        self._lose_worker(worker, reason, slots)
+
+    def _lose_worker(self, worker: Any, reason: str, slots: list[int]) -> None:
+        """Mark ``slots`` lost and fail every call pending on ``worker``."""
         for slot in slots:
             state = self.slots.get(slot)
             if state is not None and state.lost is None:
