@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     "RemoteEnvError": "remoterl.errors",
     "RemoteRLError": "remoterl.errors",
     "RemoteTimeoutError": "remoterl.errors",
+    "RenderUnavailableError": "remoterl.errors",
     "ResetNeededError": "remoterl.errors",
     "UnsupportedSpaceError": "remoterl.errors",
     "WorkerLostError": "remoterl.errors",
@@ -40,6 +41,7 @@ _LAZY: dict[str, str] = {
     # lifecycle
     "get_client": "remoterl.lifecycle",
     "init": "remoterl.lifecycle",
+    "metrics": "remoterl.client.registry",
     "shutdown": "remoterl.lifecycle",
 }
 

@@ -1,9 +1,12 @@
 """``RemoteEnv``: one env slot on a remote worker, as a ``gymnasium.Env``.
 
 The spaces, metadata, render mode and spec are fetched once, when the slot opens,
-and cached. ``reset``, ``step`` and ``close`` are forwarded; each is one round trip
-through the broker. Everything else is the local ``gymnasium.Env`` machinery, so
-gymnasium's wrappers and env checker work on it unchanged.
+and cached. ``reset``, ``step``, ``close`` and ``render`` are forwarded; each is one
+round trip through the broker (a frame travels as a raw array, like an observation).
+With ``render_mode="human"`` the worker renders ``"rgb_array"`` and the frames are shown
+in a window on this machine after every ``reset`` and ``step`` (:mod:`remoterl.render`).
+Everything else is the local ``gymnasium.Env`` machinery, so gymnasium's wrappers and
+env checker work on it unchanged.
 
 The env's other attributes live on the worker. ``env.get_wrapper_attr(name)``,
 ``set_wrapper_attr`` and ``has_wrapper_attr`` reach them (one round trip each; a method
@@ -22,9 +25,10 @@ from typing import Any
 
 import gymnasium
 
-from remoterl.client.registry import get_client
+from remoterl.client.registry import default_compression, get_client
 from remoterl.errors import EnvClosedError, ProtocolError, RemoteAttributeError
-from remoterl.failover import LOST_FLAG, LostClient, check_policy, is_lost, reopen
+from remoterl.failover import LOST_FLAG, LostClient, check_policy, hosting_opts, is_lost, reopen
+from remoterl.render import for_worker, show_frame
 from remoterl.wire import calls
 from remoterl.wire.actions import check_action, check_attr_name
 from remoterl.wire.calls import INFO, OBS, REWARDS, TERMINATED, TRUNCATED, values_from_wire
@@ -50,6 +54,9 @@ class RemoteEnv(gymnasium.Env):
             the env is re-opened on a worker still serving the id (waiting up to ``timeout``)
             and the step returns the last observation, reward 0, ``truncated=True`` and
             ``info["remoterl_worker_lost"] = True``; the next ``reset()`` starts on the new env.
+        compression: ``"lz4"`` or ``"zstd"``: the worker compresses big observation and frame
+            arrays before sending them (worth it across a WAN; default: ``remoterl.init``'s,
+            else none; False: none).
         **kwargs: passed to ``gymnasium.make`` on the worker (``max_episode_steps``,
             env constructor arguments, ...).
 
@@ -60,13 +67,15 @@ class RemoteEnv(gymnasium.Env):
     """
 
     def __init__(self, env_id: str, *, broker: str | None = None, client: Any = None,
-                 timeout: float | None = None, on_worker_lost: str | None = None, _bare: bool = False,
-                 **kwargs: Any) -> None:
+                 timeout: float | None = None, on_worker_lost: str | None = None,
+                 compression: str | None = None, _bare: bool = False, **kwargs: Any) -> None:
         self._on_lost = check_policy(on_worker_lost)
         self._client = client if client is not None else get_client(broker)
         self._clients = LostClient(self._client, client is None, broker)
         self._timeout = timeout
-        self._opts = {"bare": True} if _bare else None
+        self._opts = hosting_opts(default_compression(compression), bare=_bare)
+        # render_mode="human": the worker renders "rgb_array" frames, shown in a window here.
+        kwargs, self.render_window = for_worker(kwargs, f"remoterl: {env_id}")
         self._kwargs = kwargs
         self._last_obs: Any = None
         opened = self._client.open(env_id, 1, kwargs, opts=self._opts, timeout=timeout)
@@ -79,7 +88,9 @@ class RemoteEnv(gymnasium.Env):
         self.observation_space = desc.observation_space
         self.action_space = desc.action_space
         self.metadata = desc.metadata
-        self.render_mode = desc.render_mode
+        self.render_mode = desc.render_mode if self.render_window is None else "human"
+        if self.render_window is not None:
+            self.render_window.fps = self.metadata.get("render_fps")
         self.spec = desc.spec
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
@@ -96,6 +107,8 @@ class RemoteEnv(gymnasium.Env):
             reply = self._client.call(self._worker, self._slots, calls.reset_single(seed, options), self._timeout)
             reply[INFO] = {**reply[INFO], LOST_FLAG: True}
         self._last_obs = reply[OBS]
+        if self.render_window is not None:  # human mode renders after every reset and step
+            self.render()
         return reply[OBS], reply[INFO]
 
     def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict]:
@@ -115,6 +128,8 @@ class RemoteEnv(gymnasium.Env):
             self._replace(exc)  # the episode ends here; reset() starts on the replacement
             return self._last_obs, 0.0, False, True, {LOST_FLAG: True}
         self._last_obs = reply[OBS]
+        if self.render_window is not None:
+            self.render()
         return reply[OBS], reply[REWARDS], reply[TERMINATED], reply[TRUNCATED], reply[INFO]
 
     def _replace(self, why: BaseException) -> None:
@@ -129,16 +144,30 @@ class RemoteEnv(gymnasium.Env):
         self._slots = [self._slot]
 
     def render(self) -> Any:
-        """Not available yet: frames are not streamed from workers."""
-        raise NotImplementedError(
-            "RemoteEnv.render(): frame streaming from remote workers is not available yet "
-            f"(env {self.env_id!r} renders on its worker, not here)")
+        """The env's ``render()`` on its worker (one round trip), as a local env returns it: an
+        RGB array for ``"rgb_array"`` (a raw frame on the wire, like an observation), a list of
+        them for ``"rgb_array_list"``, ``None`` without a render mode. In ``"human"`` mode the
+        worker renders ``"rgb_array"`` and the frame is shown in :attr:`render_window` here
+        (:mod:`remoterl.render`); it returns ``None``, and ``reset``/``step`` call it themselves.
+
+        Raises:
+            EnvClosedError: the env was closed.
+            RemoteEnvError: the env's ``render()`` raised on the worker.
+            ValueError: human mode, and the worker's env rendered no image.
+        """
+        frame = self.call_remote("render")
+        if self.render_window is None:
+            return frame
+        show_frame(self.render_window, frame, repr(self))
+        return None
 
     def close(self) -> None:
         """Release the slot; the env is closed on its worker. Closing twice is harmless."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
+        if self.render_window is not None:
+            self.render_window.close()
         self._client.close_slots(self._slots)
         if self._clients.owned is not None:  # a client made here to replace a lost one
             self._clients.owned.close()

@@ -60,6 +60,7 @@ __all__ = [
     "RemoteEnvError",
     "RemoteRLError",
     "RemoteTimeoutError",
+    "RenderUnavailableError",
     "UnsupportedSpaceError",
     "WorkerLostError",
     "error_from_wire",
@@ -200,6 +201,11 @@ class AuthenticationError(RemoteRLError):
 
 class LimitExceededError(RemoteRLError):
     """A broker limit was reached: open slots per tenant, or new connections a second."""
+
+
+class RenderUnavailableError(RemoteRLError, RuntimeError):
+    """``render_mode="human"`` cannot show a window here: pygame is missing, or it cannot
+    open a display. The message says which, and what to do (never sent on the wire)."""
 
 
 # Error codes on the wire. The broker and workers send ``{"code": ..., "msg": ...}``;

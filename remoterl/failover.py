@@ -22,6 +22,7 @@ from typing import Any
 
 from remoterl.errors import (BrokerUnavailableError, CapacityError, LimitExceededError, NoWorkerError,
                              RemoteTimeoutError, WorkerLostError)
+from remoterl.wire.calls import BARE, COMPRESSION
 
 __all__ = ["LOST_FLAG", "POLICIES", "LostClient", "check_policy", "is_lost", "reopen"]
 
@@ -49,6 +50,17 @@ def check_policy(value: str | None) -> str:
     if value not in POLICIES:
         raise ValueError(f"on_worker_lost must be one of {POLICIES}, got {value!r}")
     return value
+
+
+def hosting_opts(compression: str | None, *, bare: bool = False) -> dict | None:
+    """The OPEN hosting options of a remote env (kept for its re-opens): no wrappers on the
+    worker (``bare``), the compression of its replies; None when there are none."""
+    opts: dict = {}
+    if bare:
+        opts[BARE] = True
+    if compression is not None:
+        opts[COMPRESSION] = compression
+    return opts or None
 
 
 def is_lost(error: BaseException | None) -> bool:

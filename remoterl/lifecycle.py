@@ -30,6 +30,7 @@ from typing import Any
 from remoterl.client.registry import Settings, close_clients, configure, get_client, settings
 from remoterl.failover import POLICIES
 from remoterl.io.wsgateway import close_gateways
+from remoterl.wire.compress import check_algorithm
 
 __all__ = ["Settings", "get_client", "init", "patch_loaded", "settings", "shutdown"]
 
@@ -43,7 +44,7 @@ _atexit_registered = False
 def init(api_key: str | None = None, role: str = "trainer", *, broker: str | None = None,
          num_workers: int | None = None, slots_per_worker: int = 256, timeout: float = 60.0,
          heartbeat: float = 1.0, liveness: int = 3, patch: bool = True,
-         on_worker_lost: str | None = None) -> Settings | None:
+         on_worker_lost: str | None = None, compression: str | None = None) -> Settings | None:
     """Configure remoterl for this process.
 
     Args:
@@ -64,6 +65,9 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
             ``truncated=True`` and ``info["remoterl_worker_lost"] = True``; training goes on).
             The default for ``RemoteEnv``, ``RemoteEnvVec``, ``make``/``make_vec``, SB3's
             ``RemoteVecEnv`` and RLlib's env runners.
+        compression: ``"lz4"`` or ``"zstd"``: workers compress big observation and frame
+            arrays before sending them (worth it across a WAN, where bandwidth bounds image
+            observations; off by default). The default of every remote env, as above.
 
     Returns:
         The settings (trainer role); a simulator returns None when interrupted.
@@ -81,6 +85,7 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
         raise ValueError(f"role must be 'trainer' or 'simulator', got {role!r}")
     if on_worker_lost not in (None, *POLICIES):
         raise ValueError(f"on_worker_lost must be one of {POLICIES}, got {on_worker_lost!r}")
+    check_algorithm(compression)
     explicit_key = api_key
     api_key = api_key or os.environ.get("REMOTERL_API_KEY") or None
     url = broker or os.environ.get("REMOTERL_BROKER") or None
@@ -96,6 +101,9 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
             if on_worker_lost is not None and on_worker_lost != current.on_worker_lost:
                 raise ValueError(f"remoterl.init() already runs with on_worker_lost={current.on_worker_lost!r}; "
                                  f"call remoterl.shutdown() first to change it")
+            if compression is not None and compression != current.compression:
+                raise ValueError(f"remoterl.init() already runs with compression={current.compression!r}; "
+                                 f"call remoterl.shutdown() first to change it")
             return current  # init twice with nothing new: harmless, the settings stay
         embedded = None
         children_url = url
@@ -107,7 +115,7 @@ def init(api_key: str | None = None, role: str = "trainer", *, broker: str | Non
             children_url = embedded.start()
             url = embedded.local_url or children_url
         current = Settings(role, url, api_key, timeout, embedded, children_broker=children_url or "",
-                           on_worker_lost=on_worker_lost or "raise")
+                           on_worker_lost=on_worker_lost or "raise", compression=compression)
         configure(current)
         if not _atexit_registered:
             atexit.register(shutdown)

@@ -17,7 +17,9 @@ rebuilt here with gymnasium's own ``VectorEnv._add_info`` in env-index order, so
 so a trainer can overlap its own work with remote stepping. ``get_attr``, ``set_attr``
 and ``call`` reach the remote envs' public attributes as ``SyncVectorEnv`` defines them
 (one message per worker; names and values travel as codec values, never pickle): they are
-:mod:`remoterl.vector_attrs`', a mixin of :class:`RemoteEnvVec`.
+:mod:`remoterl.vector_attrs`', a mixin of :class:`RemoteEnvVec`. ``render()`` is
+``call("render")``: one frame per env, raw arrays on the wire; with ``render_mode="human"``
+the workers render ``"rgb_array"`` and the tiled frames are shown here (:mod:`remoterl.render`).
 
 Never out of step: once a step has been sent, the workers step whether or not the
 trainer sees the results. So when a step (or reset) fails after anything was sent — an
@@ -39,9 +41,10 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.async_vector_env import AsyncState
 from gymnasium.vector.utils import batch_space
 
-from remoterl.client.registry import get_client
+from remoterl.client.registry import default_compression, get_client
 from remoterl.errors import ActionNotBatchedError, InvalidActionError, RemoteRLError, ResetNeededError
-from remoterl.failover import LostClient, check_policy
+from remoterl.failover import LostClient, check_policy, hosting_opts
+from remoterl.render import for_worker, show_frames
 from remoterl.vector_attrs import VectorAttrs
 from remoterl.vector_failover import VectorFailover
 from remoterl.vector_batch import check_reset_mask, concat, describe_value, not_a_batch, scatter, slice_batch
@@ -71,6 +74,9 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
             that restarted) are re-opened on the workers still serving the env id, waiting up
             to ``timeout`` for capacity, and their episodes end with ``truncated=True`` and
             ``info["remoterl_worker_lost"] = True`` (:mod:`remoterl.vector_failover`).
+        compression: ``"lz4"`` or ``"zstd"``: the workers compress big observation and frame
+            arrays before sending them (worth it across a WAN; default: ``remoterl.init``'s,
+            else none; False: none).
         **kwargs: for ``gymnasium.make`` on the workers (``max_episode_steps``, env
             constructor arguments, ...).
     """
@@ -78,7 +84,8 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
     def __init__(self, env_id: str, num_envs: int, *,
                  autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
                  broker: str | None = None, client: Any = None, max_workers: int | None = None,
-                 timeout: float | None = None, on_worker_lost: str | None = None, **kwargs: Any) -> None:
+                 timeout: float | None = None, on_worker_lost: str | None = None,
+                 compression: str | None = None, **kwargs: Any) -> None:
         # Until the slots are open there is nothing to close (VectorEnv.__del__ checks this).
         self.closed = True
         if not isinstance(num_envs, int) or num_envs < 1:
@@ -86,9 +93,9 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
         self.autoreset_mode = AutoresetMode(autoreset_mode)
         self._mode = calls.mode_code(self.autoreset_mode)
         self._on_lost = check_policy(on_worker_lost)
+        self._opts = hosting_opts(default_compression(compression))
         self._client = client if client is not None else get_client(broker)
         self._clients = LostClient(self._client, client is None, broker)
-        self._kwargs = kwargs
         self._timeout = timeout
         self._state = AsyncState.DEFAULT
         self._pending: list = []
@@ -97,7 +104,10 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
         self._answered: tuple | None = None  # a call answered from the description, until call_wait
         # Why the vector is out of step with its workers (None: in step): see the module docstring.
         self._out_of_step: str | None = None
-        opened = self._client.open(env_id, num_envs, kwargs, max_workers=max_workers, timeout=timeout)
+        # render_mode="human": the workers render "rgb_array" frames, shown in a window here.
+        self._kwargs, self.render_window = for_worker(kwargs, f"remoterl: {num_envs} x {env_id}")
+        opened = self._client.open(env_id, num_envs, self._kwargs, opts=self._opts, max_workers=max_workers,
+                                   timeout=timeout)
         self.closed = False
         by_worker: dict[bytes, list[int]] = {}
         for slot, worker in zip(opened.slots, opened.workers):
@@ -116,7 +126,9 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
         # VectorEnv.metadata is a class-level dict: every instance gets its own.
         self.metadata = desc.metadata
         self.metadata["autoreset_mode"] = self.autoreset_mode
-        self.render_mode = desc.render_mode
+        self.render_mode = desc.render_mode if self.render_window is None else "human"
+        if self.render_window is not None:
+            self.render_window.fps = self.metadata.get("render_fps")
         self.spec = desc.spec
         self._observations: Any = None
 
@@ -240,6 +252,8 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
             for idx, reply in zip(picked, replies):
                 obs = scatter(self.single_observation_space, obs, idx, reply[OBS])
         self._observations = obs
+        if self.render_window is not None:  # human mode renders after every reset and step
+            self.render()
         return obs, [(i, info) for idx, reply in zip(picked, replies) for i, info in zip(idx, reply[INFOS])]
 
     # --- gymnasium API: step -------------------------------------------------------------------
@@ -337,10 +351,20 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
             for j, f_obs, f_info in reply.get(FINAL, ()):
                 finals[start + j] = (f_obs, f_info)
         self._observations = obs
+        if self.render_window is not None:
+            self.render()
         return obs, rewards, terminated, truncated, env_infos, finals
 
-    def render(self) -> Any:
-        raise NotImplementedError("RemoteEnvVec.render(): frame streaming from remote workers is not available yet")
+    def render(self) -> tuple[Any, ...]:
+        """Every env's ``render()`` on its worker, as ``SyncVectorEnv``: a tuple, one frame per env
+        (``call("render")``, so it raises as :meth:`call`). In ``"human"`` mode the workers render
+        ``"rgb_array"``, the frames are shown tiled in :attr:`render_window` here, and the result
+        is ``(None, ...)`` as from human-mode envs; ``reset`` and the steps call it themselves."""
+        frames = self.call("render")
+        if self.render_window is None:
+            return frames
+        show_frames(self.render_window, frames, repr(self))
+        return tuple(None for _ in frames)
 
     def close_extras(self, **kwargs: Any) -> None:
         """Release every slot (envs are closed on their workers)."""
@@ -350,6 +374,8 @@ class RemoteEnvVec(VectorFailover, VectorAttrs, VectorEnv):
             except Exception:  # closing anyway: the slots are released below
                 pass
             self._state = AsyncState.DEFAULT
+        if self.render_window is not None:
+            self.render_window.close()
         self._client.close_slots(self._all_slots)
         if self._clients.owned is not None:  # a client made here to replace a lost one
             self._clients.owned.close()

@@ -42,7 +42,7 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array,
 from remoterl.client.session import Pending
 from remoterl.failover import LOST_FLAG, LostClient, is_lost, reopen
 from remoterl.wire import calls
-from remoterl.wire.calls import FINAL, INFOS, OBS, REWARDS, TERMINATED, TRUNCATED
+from remoterl.wire.calls import ENDED, FINAL, INFOS, OBS, REWARDS, TERMINATED, TRUNCATED
 
 __all__ = ["VectorFailover"]
 
@@ -121,8 +121,8 @@ class VectorFailover:
         bound = self._timeout if self._timeout is not None else old.timeout
         while True:
             wanted = len(lost)
-            opened = reopen(self._clients, self.env_id, wanted, self._kwargs, {"ended": True}, bound, why,
-                            on_new_client)
+            opened = reopen(self._clients, self.env_id, wanted, self._kwargs, {**(self._opts or {}), ENDED: True},
+                            bound, why, on_new_client)
             if len(lost) == wanted:
                 break
             self._clients.client.close_slots(opened.slots)  # the client changed meanwhile: all envs

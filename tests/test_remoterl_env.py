@@ -117,9 +117,10 @@ def test_under_normalize_observation(make_env):
     assert env.obs_rms.count > 20
 
 
-def test_render_says_frames_do_not_stream(make_env):
-    with pytest.raises(NotImplementedError, match="streaming"):
-        make_env().render()
+def test_render_without_a_render_mode_returns_none(make_env):
+    env = make_env()
+    env.reset(seed=0)
+    assert env.render() is None  # as a local CartPole made without a render_mode
 
 
 def test_closed_env(make_env, url):

@@ -17,6 +17,12 @@ object three kinds of request and sends back what it returns:
   ``is_wrapped`` answers SB3's ``env_is_wrapped`` with the wrapper class's name.
 * ``close(client, slots)`` closes envs.
 
+Big arrays of a reply travel as raw frames, compressed when the OPEN asked for it
+(``opts.z``: ``"lz4"`` or ``"zstd"``, :mod:`remoterl.wire.compress`), or written into the
+client's shared-memory segment when the client runs on this host and the call says so
+(``"shm"``; the ``shm`` op maps the segment: :mod:`remoterl.io.shm`). One segment per
+client, dropped with the client's last slot.
+
 This module keeps the slots, checks ownership and dispatches each call by its ``op``
 (the call schema, op names and fields, is :mod:`remoterl.wire.calls`) to the ops:
 ``reset`` and ``step`` in :mod:`remoterl.workers.stepping`, where vector semantics
@@ -64,8 +70,11 @@ import gymnasium
 import msgpack
 
 from remoterl.errors import CodecError, InvalidActionError, ProtocolError, RemoteRLError, error_to_wire
+from remoterl.io import shm
 from remoterl.wire import codec
-from remoterl.wire.calls import AUTORESET_MODES, MAX_WRAPPER_NAME, NAME, OP, VALUES, Op, is_module_name
+from remoterl.wire.calls import (AUTORESET_MODES, BARE, COMPRESSION, ENDED, MAX_WRAPPER_NAME, NAME, OK, OP, SEGMENT,
+                                 SHARED, VALUES, WHY, Op, is_module_name)
+from remoterl.wire.compress import Compressor
 from remoterl.wire.envdesc import describe
 from remoterl.workers import attrs, stepping
 from remoterl.workers.slots import EnvFailure, Slot, close_env, env_error
@@ -97,6 +106,8 @@ class SlotHost:
         self.allow_import = None if allow_import is None else list(allow_import)
         self._make = make or gymnasium.make
         self.slots: dict[int, Slot] = {}
+        # client -> its shared-memory segment on this host (remoterl.io.shm), while it has slots
+        self.shared: dict[bytes, shm.Sink] = {}
         self.stats = {"steps": 0, "resets": 0, "calls": 0, "errors": 0}
         # op -> its handler(slots, request) -> reply; the env ops count into stats.
         self._ops: dict[str, Callable[[list[Slot], dict], dict]] = {
@@ -218,10 +229,17 @@ class SlotHost:
             reply["error"] = {"code": "capacity", "msg": f"this worker has {self.capacity - len(self.slots)} free slots"}
             return reply
         opts = header.get("opts") or {}
-        bare = isinstance(opts, dict) and bool(opts.get("bare"))
+        if not isinstance(opts, dict):
+            opts = {}
+        bare = bool(opts.get(BARE))
         # A replacement for an env lost with its worker: its episode ended there, so it starts
         # as a slot that just ended (the next NEXT_STEP step resets it; DISABLED wants a reset).
-        ended = isinstance(opts, dict) and bool(opts.get("ended"))
+        ended = bool(opts.get(ENDED))
+        try:
+            compressor = Compressor(opts[COMPRESSION]) if opts.get(COMPRESSION) is not None else None
+        except ValueError as exc:
+            reply["error"] = {"code": "protocol", "msg": f"OPEN opts: {exc}"}
+            return reply
         created: list[Slot] = []
         try:
             for slot_id in slot_ids:
@@ -231,7 +249,7 @@ class SlotHost:
                     # host the env without them, so none is applied twice.
                     env = env.unwrapped
                 _reset_without_options(env.unwrapped)
-                created.append(Slot(slot_id, client, env_id, env, autoreset=ended))
+                created.append(Slot(slot_id, client, env_id, env, autoreset=ended, compressor=compressor))
             reply["env"] = codec.encode(describe(created[0].env), frame_threshold=1 << 62, name="env")[0]
         except Exception as exc:  # env construction is user code: report, never crash
             for slot in created:
@@ -259,12 +277,17 @@ class SlotHost:
             if slot is not None and slot.client == client:
                 del self.slots[slot_id]
                 close_env(slot.env)
+        if client in self.shared and not any(slot.client == client for slot in self.slots.values()):
+            self.shared.pop(client).close()
 
     def close_all(self) -> None:
         """Close every env (the broker session ended)."""
         for slot in self.slots.values():
             close_env(slot.env)
         self.slots.clear()
+        for sink in self.shared.values():
+            sink.close()
+        self.shared.clear()
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -288,13 +311,18 @@ class SlotHost:
                 raise ProtocolError("a call must be a map")
             r = request.get("r")
             op = self._ops.get(request.get(OP))
-            if op is None:
+            if op is None and request.get(OP) != Op.SHM:
                 raise ProtocolError(f"unknown call op {request.get(OP)!r}")
             slots = self._own(client, request.get("slots"))
-            reply = op(slots, request)
+            reply = op(slots, request) if op is not None else self._attach(client, request)
             reply["r"] = r
+            sink = slots[0].compressor
+            if request.get(SHARED) is not None:
+                segment = self.shared.get(client)
+                if segment is not None and segment.id == request[SHARED]:
+                    sink = segment.start() if sink is None else _first(segment.start(), sink)
             try:
-                return codec.encode(reply, name="reply")
+                return codec.encode(reply, name="reply", sink=sink)
             except CodecError as exc:
                 raise EnvFailure(_unsendable(request, slots, reply, exc)) from exc
         except EnvFailure as failure:
@@ -311,6 +339,22 @@ class SlotHost:
         except Exception as exc:  # a bug here must not take the worker down
             log.exception("internal error in a call")
             return codec.encode({"r": r, "error": env_error(exc, "internal worker error")})[0], []
+
+    def _attach(self, client: bytes, request: dict) -> dict:
+        """The ``shm`` op: map the client's segment (replacing its previous one), if it is on
+        this host; ``{"ok": False, "why": ...}`` otherwise (the client keeps to sockets)."""
+        segment = request.get(SEGMENT)
+        if not isinstance(segment, list) or len(segment) != 3:
+            raise ProtocolError("shm needs 'segment', [id, name, size]")
+        try:
+            sink = shm.attach(*segment)
+        except ValueError as exc:
+            return {OK: False, WHY: str(exc)}
+        old = self.shared.pop(client, None)
+        if old is not None:
+            old.close()
+        self.shared[client] = sink
+        return {OK: True}
 
     def _own(self, client: bytes, slot_ids: Any) -> list[Slot]:
         if not isinstance(slot_ids, list) or not slot_ids:
@@ -348,6 +392,17 @@ def _unsendable(request: dict, slots: list[Slot], reply: dict, exc: CodecError) 
     if op == Op.STEP:
         desc["stepped"] = [slot.id for slot in slots]
     return desc
+
+
+def _first(*sinks: Any) -> Callable[..., Any]:
+    """A codec sink that tries ``sinks`` in turn (shared memory, then compression)."""
+    def sink(frame: Any, prefix: bytes, frames: list) -> Any:
+        for one in sinks:
+            placed = one(frame, prefix, frames)
+            if placed is not None:
+                return placed
+        return None
+    return sink
 
 
 def _reset_without_options(env: Any) -> None:

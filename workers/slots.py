@@ -37,6 +37,8 @@ class Slot:
     # Holding the space itself keeps the identity check sound: an id() can be reused once its
     # object is freed, a referenced object's cannot.
     batched: tuple | None = None
+    # The OPEN's compression (a remoterl.wire.compress.Compressor, shared by its slots), or None.
+    compressor: Any = None
 
 
 class EnvFailure(Exception):

@@ -20,6 +20,7 @@ its own.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -29,16 +30,20 @@ from typing import Any
 
 import zmq
 
+from remoterl.client.metrics import ClientMetrics
 from remoterl.client.session import ClientCore, Opened, Pending
 from remoterl.errors import BrokerUnavailableError, ProtocolError, WorkerLostError
 from remoterl.io.dealer import connect_dealer, no_answer_hint
 from remoterl.io.heartbeat import HeartbeatSocket
 from remoterl.io.inprocess import InProcessBroker, InProcessTransport, broker_at
 from remoterl.io.process import keep_signals_for_main_thread
+from remoterl.io import shm
 from remoterl.io.security import curve_serverkey_from_env
 from remoterl.io.transport import Transport, ZmqTransport
 from remoterl.io.wsgateway import resolve_endpoint
+from remoterl.wire import calls
 from remoterl.wire import protocol as p
+from remoterl.wire.envdesc import EnvDescription
 from remoterl.wire.protocol import ClientCommand as C
 
 __all__ = ["Client", "Opened", "connect_client"]
@@ -65,12 +70,16 @@ class Client:
             tcp traffic is then encrypted and the broker authenticated.
         in_process: a broker running in this process, bound at ``url``: reached without a
             socket (:func:`connect_client` finds it).
+        shared_memory: let workers on this host put big observations in shared memory
+            (:mod:`remoterl.io.shm`; tried after each OPEN whose replies are big, falling back
+            to sockets by itself). False: always sockets.
     """
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, name: str | None = None,
                  api_key: str | None = None, curve_serverkey: str | bytes | None = None,
-                 context: zmq.Context | None = None, in_process: InProcessBroker | None = None) -> None:
+                 context: zmq.Context | None = None, in_process: InProcessBroker | None = None,
+                 shared_memory: bool = True) -> None:
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -79,7 +88,10 @@ class Client:
         self._curve = curve_serverkey if curve_serverkey is not None else curve_serverkey_from_env()
         self._ctx = context or zmq.Context.instance()
         self._in_process = in_process
+        self.shared_memory = shared_memory and shm.available()
         self.core = ClientCore()
+        # Round trips per worker, calls, env-steps, errors: remoterl.metrics() (remoterl.client.metrics).
+        self.metrics = ClientMetrics()
         self.identity = b"C" + os.urandom(15)
         self.heartbeat = 1.0
         self.liveness = 3
@@ -192,6 +204,8 @@ class Client:
             if transport is not None:
                 say_goodbye = os.getpid() == self._pid and self.core.lost is None
                 transport.close(self.core.disconnect() if say_goodbye else None)
+            for worker in list(self.core.shared):
+                self.core.unshare(worker)
         if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
             self._hb_thread.join(2.0)
 
@@ -203,7 +217,7 @@ class Client:
         """
         return Client(self.url, timeout=self.timeout, connect_timeout=self.connect_timeout, name=self.name,
                       api_key=self._api_key, curve_serverkey=self._curve, context=self._ctx,
-                      in_process=broker_at(self.url)).connect()
+                      in_process=broker_at(self.url), shared_memory=self.shared_memory).connect()
 
     def __enter__(self) -> Client:
         return self if self._connected else self.connect()
@@ -234,7 +248,46 @@ class Client:
             entry, frames = self.core.open(env_id, n, kwargs, opts, max_workers)
             self._send(frames)
             reply = self._wait_one(entry, timeout if timeout is not None else max(self.timeout, 120.0))
-            return self.core.opened(reply)
+            opened = self.core.opened(reply)
+            if self.shared_memory:
+                self._share(opened)
+            return opened
+
+    def _share(self, opened: Opened) -> None:
+        """Offer a shared-memory segment to each worker of ``opened`` whose replies are big
+        (:mod:`remoterl.io.shm`); a worker on another host declines and keeps to sockets."""
+        try:
+            per_env = shm.space_nbytes(EnvDescription.from_wire(opened.env).observation_space)
+        except Exception:  # an env description this end cannot read has failed the OPEN already
+            return
+        if per_env * len(opened.slots) < shm.MIN_SHARED:
+            return
+        held = collections.Counter(state.worker for state in self.core.slots.values())
+        for worker in dict.fromkeys(opened.workers):
+            # Room for two batches (a SAME_STEP step's final observations beside the new ones).
+            need = 2 * held[worker] * (per_env + 64)
+            current = self.core.shared.get(worker)
+            if held[worker] * per_env < shm.MIN_SHARED or (current is not None and current.size >= need):
+                continue
+            slot = opened.slots[opened.workers.index(worker)]
+            try:
+                segment = shm.Segment(self.core.new_segment_id(), -(-need // 65536) * 65536)
+            except OSError as exc:  # /dev/shm full or not writable: sockets
+                log.debug("no shared memory for worker %r: %s", worker, exc)
+                return
+            try:
+                entry, frames = self.core.call(worker, [slot], calls.shm(segment.id, segment.name, segment.size), "shm")
+                self._send(frames)
+                answer = self._wait_one(entry, self.timeout)
+            except Exception as exc:  # the worker is gone, or too old to know "shm": sockets
+                answer = {calls.OK: False, calls.WHY: str(exc)}
+            finally:
+                segment.unlink()  # mapped at both ends (or refused): the name is no longer needed
+            if answer.get(calls.OK) is True:
+                self.core.share(worker, segment)
+            else:
+                log.debug("worker %r keeps to sockets: %s", worker, answer.get(calls.WHY))
+                segment.close()
 
     def close_slots(self, slots: list[int], timeout: float | None = None) -> None:
         """Close slots; their envs are closed on the workers. Lost slots are just forgotten."""
@@ -275,6 +328,7 @@ class Client:
         """
         with self._lock:
             entry, frames = self.core.call(worker, slots, request, name)
+            entry.sent = time.monotonic()
             try:
                 self._send(frames)
             except BaseException:
@@ -340,6 +394,7 @@ class Client:
                             continue
                         remaining = deadline - monotonic()
                         if remaining <= 0:
+                            self.metrics.failed("RemoteTimeoutError")
                             raise core.timed_out(entries, entry, self.url)
                         # Wake at least once a heartbeat to notice a lost broker.
                         frames = receive(min(remaining, self.heartbeat))
@@ -351,9 +406,12 @@ class Client:
 
     def _take(self, frames: list) -> None:
         try:
-            self.core.receive(frames)
+            entry = self.core.receive(frames)
         except ProtocolError as exc:
             log.warning("dropping a malformed message from the broker: %s", exc)
+            return
+        if entry is not None and entry.sent:
+            self.metrics.answered(entry.worker, entry.op, entry.n, time.monotonic() - entry.sent, entry.error)
 
     def _heartbeat_loop(self) -> None:
         """Ping the broker; notice when it goes silent or forgets this session."""

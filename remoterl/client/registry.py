@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from remoterl.client.connection import Client, connect_client
+from remoterl.client.metrics import ClientMetrics
 from remoterl.errors import BrokerUnavailableError
+from remoterl.wire.compress import check_algorithm
 
-__all__ = ["Settings", "close_clients", "configure", "get_client", "on_client_replaced", "settings"]
+__all__ = ["Settings", "close_clients", "collect", "configure", "default_compression", "get_client", "metrics", "on_client_replaced",
+           "settings"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ class Settings:
     # What envs do when their worker or the broker is lost: "raise" or "truncate"
     # (remoterl.failover); the default of RemoteEnv, RemoteEnvVec and the integrations.
     on_worker_lost: str = "raise"
+    # compression="lz4" / "zstd" for every env's replies (remoterl.wire.compress), or None.
+    compression: str | None = None
 
     def __post_init__(self) -> None:
         self.children_broker = self.children_broker or self.broker
@@ -55,6 +60,19 @@ _settings: Settings | None = None
 _clients: dict[tuple[int, str], Client] = {}
 _lock = threading.RLock()
 _replacement_hooks: list[Callable[[Client], None]] = []
+
+
+def default_compression(value: Any) -> str | None:
+    """A remote env's compression: ``value`` checked, None for ``remoterl.init``'s (else none),
+    False for none.
+
+    Raises:
+        ValueError: not ``"lz4"``, ``"zstd"``, None or False.
+    """
+    if value is None:
+        current = settings()
+        return current.compression if current is not None else None
+    return None if value is False else check_algorithm(value)
 
 
 def settings() -> Settings | None:
@@ -99,12 +117,38 @@ def get_client(broker: str | None = None) -> Client:
         if client is None or client.closed:
             timeout = current.timeout if current is not None else 60.0
             api_key = current.api_key if current is not None else os.environ.get("REMOTERL_API_KEY")
+            old = client
             client = connect_client(url, timeout=timeout, api_key=api_key or None)
             _clients[key] = client
             if replacing:
+                client.metrics = old.metrics  # the figures go on across a reconnect
                 for hook in _replacement_hooks:
                     hook(client)
         return client
+
+
+def metrics(client: Client | None = None) -> dict[str, Any]:
+    """The trainer's own figures: round trips per worker (count, mean, p50, p99, max in ms),
+    calls by op, env-steps and errors, for ``client`` or else every client this process holds
+    (``remoterl.client.metrics``). The broker's and workers' figures are their ``--metrics``.
+
+    Example::
+
+        remoterl.metrics()["round_trip"]["p99_ms"]     # all workers
+        remoterl.metrics()["workers"]                  # by worker id (hex), as remoterl status
+    """
+    return collect(client).snapshot()
+
+
+def collect(client: Client | None = None) -> ClientMetrics:
+    """:func:`metrics` as a :class:`~remoterl.client.metrics.ClientMetrics` (merged, a copy)."""
+    with _lock:
+        pid = os.getpid()
+        clients = [client] if client is not None else [c for (p, _), c in _clients.items() if p == pid]
+    total = ClientMetrics()
+    for one in clients:
+        total.merge(one.metrics)
+    return total
 
 
 def close_clients() -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from remoterl.wire import codec
 from remoterl.wire import protocol as p
+from remoterl.wire.calls import SHARED
 from remoterl.errors import (
     BrokerUnavailableError,
     EnvClosedError,
@@ -85,9 +86,19 @@ class Pending:
     done: bool = False
     result: Any = None
     error: BaseException | None = None
+    segment: Any = None  # the shared-memory segment this call's reply may use (claimed)
+    op: str | None = None  # a CALL's op and slot count, and when it was sent (remoterl.client.metrics)
+    n: int = 0
+    sent: float = 0.0
 
     def complete(self, result: Any = None, error: BaseException | None = None) -> None:
         self.done, self.result, self.error = True, result, error
+        self.release()
+
+    def release(self) -> None:
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
 
 
 @dataclass
@@ -105,6 +116,11 @@ class ClientCore:
     pending: dict[int, Pending] = field(default_factory=dict)
     lost: str | None = None
     _next_r: int = 1
+    # Shared memory with workers on this host (remoterl.io.shm; the Client makes and maps the
+    # segments): worker -> the segment its replies may use, and id -> its view for decoding.
+    shared: dict[bytes, Any] = field(default_factory=dict)
+    segments: dict[int, memoryview] = field(default_factory=dict)
+    _next_segment: int = 1
 
     # --- messages --------------------------------------------------------------------------
 
@@ -188,6 +204,12 @@ class ClientCore:
         entry = self.new_request(worker)
         request["r"] = entry.r
         request["slots"] = slots
+        entry.op, entry.n = request.get("op"), len(slots)
+        if self.shared:
+            segment = self.shared.get(worker)
+            if segment is not None and segment.claim():  # one call at a time may use it
+                request[SHARED] = segment.id
+                entry.segment = segment
         try:
             header, frames = codec.encode(request, name=name)
         except BaseException:
@@ -238,6 +260,33 @@ class ClientCore:
     def forget(self, entry: Pending) -> None:
         """Stop waiting for ``entry`` (it timed out); a late answer will be dropped."""
         self.pending.pop(entry.r, None)
+        entry.release()
+
+    # --- shared-memory segments ------------------------------------------------------------------
+
+    def new_segment_id(self) -> int:
+        ident, self._next_segment = self._next_segment, self._next_segment + 1
+        return ident
+
+    def share(self, worker: bytes, segment: Any) -> None:
+        """From now on ``worker``'s replies may use ``segment`` (the worker has mapped it)."""
+        old = self.shared.get(worker)
+        self.shared[worker] = segment
+        self.segments[segment.id] = segment.view
+        if old is not None:
+            self._retire(old)
+
+    def unshare(self, worker: Any) -> None:
+        """Forget ``worker``'s segment (its worker is gone, or holds no slot of ours)."""
+        segment = self.shared.pop(worker, None)
+        if segment is not None:
+            self._retire(segment)
+
+    def _retire(self, segment: Any) -> None:
+        # A segment a call still uses stays mapped (for that reply) until the client closes.
+        if not segment.busy:
+            self.segments.pop(segment.id, None)
+            segment.close()
 
     def add_slots(self, slots: list[int], workers: list[bytes]) -> None:
         for slot, worker in zip(slots, workers):
@@ -262,6 +311,10 @@ class ClientCore:
             state = self.slots.pop(slot, None)
             if state is not None:
                 state.closed = True
+        if self.shared:
+            holding = {state.worker for state in self.slots.values()}
+            for worker in [w for w in self.shared if w not in holding]:
+                self.unshare(worker)
 
     def lose_all(self, reason: str, error: type[RemoteRLError] = WorkerLostError) -> None:
         """The session is gone (broker lost or restarted): every slot and request fails."""
@@ -271,9 +324,12 @@ class ClientCore:
         for entry in list(self.pending.values()):
             entry.complete(error=error(reason))
         self.pending.clear()
+        for worker in list(self.shared):
+            self.unshare(worker)
 
-    def receive(self, frames: list) -> None:
-        """Handle one message from the broker (routing frames already stripped).
+    def receive(self, frames: list) -> Pending | None:
+        """Handle one message from the broker (routing frames already stripped); returns the
+        call a REPLY completed, if any.
 
         Raises:
             ProtocolError: the message is malformed (the caller logs and carries on).
@@ -284,31 +340,31 @@ class ClientCore:
         if frame0 == _REPLY:
             if len(frames) < 2:
                 raise ProtocolError("REPLY without a header")
-            reply = codec.decode(frames[1], frames, 2)
+            reply = codec.decode(frames[1], frames, 2, self.segments)
             if not isinstance(reply, dict):
                 raise ProtocolError("REPLY header is not a map")
             entry = self.pending.pop(_request_id(reply), None)
             if entry is None:
-                return
+                return None
             error = reply.get("error")
             if error is not None:
                 entry.complete(error=error_from_wire(error))
             else:
                 entry.complete(reply)
-            return
+            return entry
         kind, command = p.signature(frame0)
         if kind != "rl-client" or len(frames) < 2:
             raise ProtocolError(f"unexpected message {frame0[:8]!r} from the broker")
         header = p.decode_header(frames[1])
         if command == C.WORKER_LOST:
             self._worker_lost(header)
-            return
+            return None
         if command in (C.OPENED, C.CLOSED, C.ERROR, C.REGISTERED):
             entry = self.pending.pop(_request_id(header), None)
             if entry is None:
                 if command == C.ERROR:
                     log.warning("broker error: %s", header.get("msg"))
-                return
+                return None
             if command == C.ERROR:
                 error = error_from_wire(header)
                 entry.complete(error=error)
@@ -319,9 +375,9 @@ class ClientCore:
                                                                  if st.worker == entry.worker])
             else:
                 entry.complete(header)
-            return
+            return None
         if command == C.WELCOME:
-            return  # a repeated HELLO's answer
+            return None  # a repeated HELLO's answer
         raise ProtocolError(f"unexpected client command 0x{command:02x}")
 
     def _worker_lost(self, header: dict) -> None:
@@ -342,6 +398,8 @@ class ClientCore:
             if entry.worker is not None and entry.worker == worker:
                 del self.pending[r]
                 entry.complete(error=WorkerLostError(reason))
+        if isinstance(worker, bytes):
+            self.unshare(worker)
 
 
 def _request_id(header: dict) -> int | None:

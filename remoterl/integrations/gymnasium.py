@@ -5,6 +5,9 @@ gymnasium would wrap a local env: the original ``make`` runs on a copy of the en
 spec whose entry point creates the remote env, so ``max_episode_steps``,
 ``disable_env_checker``, ``order_enforce`` and the spec's additional wrappers apply on
 the trainer side. The worker then hosts the bare env (no wrapper applied twice).
+``render_mode`` reaches the worker's ``make``, except that ``"human"`` is rendered there as
+``"rgb_array"`` and shown here (:mod:`remoterl.render`), and a ``"*_list"`` mode is collected
+here by gymnasium's ``RenderCollection``, as ``make`` would add it.
 
 ``gymnasium.make_vec(id, num_envs, ...)`` returns a :class:`~remoterl.RemoteEnvVec`
 (one message per worker per step, autoreset on the workers; ``vector_kwargs``'s
@@ -119,8 +122,17 @@ def _remote_make(id: str | EnvSpec, max_episode_steps: int | None, disable_env_c
             extra["disable_env_checker"] = disable_env_checker
         return RemoteEnv(id, **extra, **kwargs)
     local = dataclasses.replace(spec, entry_point=_RemoteEntryPoint(spec.id), kwargs=dict(spec.kwargs))
+    render_mode = kwargs.get("render_mode", spec.kwargs.get("render_mode"))
+    collect = isinstance(render_mode, str) and render_mode.endswith("_list")
+    if collect:
+        # gymnasium's make reads the modes an env supports from its entry point, which the remote
+        # one cannot know: collect frames here, as make does for an env without a "_list" mode
+        # (the worker hosts the bare env, without the RenderCollection its make would add).
+        kwargs = {**kwargs, "render_mode": render_mode[:-len("_list")]}
     env = _make_original()(local, max_episode_steps=max_episode_steps,
                            disable_env_checker=disable_env_checker, **kwargs)
+    if collect:
+        env = gymnasium.wrappers.RenderCollection(env)
     # Show the spec as registered (its real entry point), with the kwargs used.
     env.unwrapped.spec = dataclasses.replace(env.unwrapped.spec, entry_point=spec.entry_point)
     return env

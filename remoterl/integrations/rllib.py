@@ -64,6 +64,7 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.tune.registry import ENV_CREATOR, _global_registry
 
+from remoterl.client.metrics import Interval
 from remoterl.errors import NoWorkerError, RemoteRLError
 
 __all__ = ["RemoteEnvRunner", "RemoteTarget", "check_config", "creator_entry_point", "is_patched", "patch",
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 # (the names remoterl.init reads; REMOTERL_TIMEOUT is read by RemoteEnvRunner only).
 BROKER_KEY, API_KEY_KEY, TIMEOUT_KEY = "REMOTERL_BROKER", "REMOTERL_API_KEY", "REMOTERL_TIMEOUT"
 ON_LOST_KEY = "REMOTERL_ON_WORKER_LOST"
+COMPRESSION_KEY = "REMOTERL_COMPRESSION"
 
 _OLD_STACK = (
     "remoterl supports RLlib's new API stack only (EnvRunner, RLModule, Learner), and this config "
@@ -97,7 +99,26 @@ class RemoteEnvRunner(SingleAgentEnvRunner):
 
     def __init__(self, *, config: AlgorithmConfig, **kwargs: Any) -> None:
         check_config(config)
+        self._remoterl_interval = Interval()
         super().__init__(config=config, **kwargs)
+
+    def get_metrics(self) -> Any:
+        """RLlib's metrics, plus remoterl's of the iteration under ``remoterl/``: round trips
+        (mean, p50, p99 ms; averaged over the runners) and calls, env-steps and errors (summed):
+        they reach ``algo.train()``'s results under ``env_runners``, and TensorBoard or W&B with
+        them (:mod:`remoterl.client.metrics` says what is measured)."""
+        from remoterl.client.registry import collect
+
+        vector = getattr(getattr(self, "env", None), "unwrapped", None)
+        client = getattr(getattr(vector, "_clients", None), "client", None)
+        if client is not None:
+            for key, value in self._remoterl_interval.take(collect(client)).items():
+                summed = key in ("calls", "env_steps", "errors")
+                if summed:
+                    self.metrics.log_value(("remoterl", key), value, reduce="sum")
+                else:
+                    self.metrics.log_value(("remoterl", key), value, reduce="mean", window=1)
+        return super().get_metrics()
 
     def make_env(self) -> None:
         """RLlib's ``make_env``, with the vector env opened remotely (see the module docstring).
@@ -154,7 +175,8 @@ class RemoteEnvRunner(SingleAgentEnvRunner):
         timeout = carried.get(TIMEOUT_KEY)
         return RemoteEnvVec(target.env_id, num_envs, autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
                             client=client, timeout=float(timeout) if timeout else None,
-                            on_worker_lost=carried.get(ON_LOST_KEY) or None, **target.kwargs)
+                            on_worker_lost=carried.get(ON_LOST_KEY) or None,
+                            compression=carried.get(COMPRESSION_KEY) or None, **target.kwargs)
 
 
 def _raise(runner: Any, exc: BaseException) -> Any:
@@ -329,7 +351,8 @@ def check_config(config: AlgorithmConfig) -> None:
 
 
 def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
-                       api_key: str | None = None, on_worker_lost: str | None = None) -> AlgorithmConfig:
+                       api_key: str | None = None, on_worker_lost: str | None = None,
+                       compression: str | None = None) -> AlgorithmConfig:
     """Make ``config``'s env runners step remote envs: one ``RemoteEnvVec`` per runner.
 
     Sets ``env_runner_cls`` to :class:`RemoteEnvRunner` and carries the broker's address,
@@ -346,6 +369,8 @@ def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
             (default: ``remoterl.init``'s, else ``"raise"``): with ``"truncate"``, a dead
             simulator's envs are re-opened elsewhere, their episodes truncated, and
             ``algo.train()`` goes on.
+        compression: ``"lz4"`` or ``"zstd"`` for the runners' ``RemoteEnvVec`` replies
+            (default: ``remoterl.init``'s, else none).
 
     Returns:
         ``config``, for chaining.
@@ -359,6 +384,7 @@ def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
     from remoterl.client.registry import settings
     from remoterl.errors import BrokerUnavailableError
     from remoterl.failover import check_policy
+    from remoterl.wire.compress import check_algorithm
 
     check_config(config)
     current = settings()
@@ -386,6 +412,9 @@ def remote_env_runners(config: AlgorithmConfig, *, broker: str | None = None,
     policy = on_worker_lost or carried.get(ON_LOST_KEY) or (current.on_worker_lost if current is not None else None)
     if policy is not None:
         carried[ON_LOST_KEY] = check_policy(policy)
+    packing = compression or carried.get(COMPRESSION_KEY) or (current.compression if current is not None else None)
+    if packing is not None:
+        carried[COMPRESSION_KEY] = check_algorithm(packing)
     if runner_cls is None:
         config.env_runners(env_runner_cls=RemoteEnvRunner)
     if carried != _carried(config):

@@ -9,7 +9,9 @@ per env as in a ``DummyVecEnv`` of remote envs. ``get_attr``, ``set_attr``, ``en
 and ``env_is_wrapped`` behave as ``DummyVecEnv``'s, ``indices`` included, run on the workers
 (one message per worker holding a picked env); values travel as codec values, and
 ``env_is_wrapped`` sends the wrapper class's name, never the class. ``step`` also takes
-``DummyVecEnv``'s list of one action per env (dicts for a Dict space...).
+``DummyVecEnv``'s list of one action per env (dicts for a Dict space...). ``get_images``
+and ``render`` are ``DummyVecEnv``'s too, with the frames rendered on the workers (so
+``VecVideoRecorder`` records remote envs); ``render_mode="human"`` shows them here.
 
 After ``remoterl.init()``, ``make_vec_env(env_id, n_envs)`` returns a ``RemoteVecEnv``
 under ``VecMonitor`` (what the per-env ``Monitor`` would report). With a
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import types
+import warnings
 from typing import Any, Callable
 
 import gymnasium
@@ -74,16 +77,19 @@ class RemoteVecEnv(VecEnv):
             ``"raise"``): with ``"truncate"``, the envs of a worker that died are re-opened
             elsewhere and their episodes end there (``TimeLimit.truncated``,
             ``terminal_observation`` the last observation, ``info["remoterl_worker_lost"]``).
+        compression: ``"lz4"`` or ``"zstd"`` for the workers' replies (default:
+            ``remoterl.init``'s, else none).
     """
 
     def __init__(self, env_id: str, n_envs: int = 1, *, broker: str | None = None, client: Any = None,
                  max_workers: int | None = None, env_kwargs: dict | None = None,
-                 timeout: float | None = None, on_worker_lost: str | None = None) -> None:
+                 timeout: float | None = None, on_worker_lost: str | None = None,
+                 compression: str | None = None) -> None:
         from remoterl.vector import RemoteEnvVec
 
         self.venv = RemoteEnvVec(env_id, n_envs, autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP,
                                  broker=broker, client=client, max_workers=max_workers, timeout=timeout,
-                                 on_worker_lost=on_worker_lost,
+                                 on_worker_lost=on_worker_lost, compression=compression,
                                  **(env_kwargs or {}))
         # (attribute of _LOCAL_ATTRS, env index) -> the value set_attr set there since (an env
         # hosted without wrappers takes a render_mode; what cannot travel is never set).
@@ -253,10 +259,24 @@ class RemoteVecEnv(VecEnv):
         return out
 
     def get_images(self) -> list[Any]:
-        raise NotImplementedError("RemoteVecEnv: frame streaming from remote workers is not available yet")
+        """Every env's frame, as ``DummyVecEnv.get_images``: with ``render_mode="rgb_array"``
+        rendered on the workers (one message per worker; raw arrays on the wire), otherwise a
+        warning and ``None`` per env."""
+        if self.render_mode != "rgb_array":
+            warnings.warn(f"The render mode is {self.render_mode}, but this method assumes it is `rgb_array` to "
+                          "obtain images.")
+            return [None for _ in range(self.num_envs)]
+        return list(self.venv.render())
 
     def render(self, mode: str | None = None) -> Any:
-        raise NotImplementedError("RemoteVecEnv.render(): frame streaming from remote workers is not available yet")
+        """SB3's ``VecEnv.render``: with ``"rgb_array"``, the envs' frames tiled into one image
+        (``tile_images``), so ``VecVideoRecorder`` records remote envs. With ``render_mode="human"``
+        the workers render ``"rgb_array"`` and the frames are shown, tiled, in the window of the
+        :class:`~remoterl.RemoteEnvVec` on this machine (after every step too); returns ``None``."""
+        if self.render_mode == "human" and mode in (None, "human"):
+            self.venv.render()
+            return None
+        return super().render(mode=mode)
 
     @property
     def workers(self) -> list[bytes]:

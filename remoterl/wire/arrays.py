@@ -28,6 +28,8 @@ import numpy as np
 from remoterl.errors import ProtocolError
 
 __all__ = [
+    "EXT_COMPRESSED",
+    "EXT_SHARED",
     "MAX_EMPTY_SPAN",
     "Unsupported",
     "empty_span",
@@ -43,6 +45,11 @@ __all__ = [
 # str, void (unstructured), datetime64, timedelta64. Object ('O') and numpy 2's
 # StringDType ('T') hold pointers and would be garbage (or worse) as raw bytes.
 _PLAIN_KINDS = frozenset("biufcSUVMm")
+
+# The ext codes a frame sink writes (remoterl.wire.codec's docstring has the layouts): an
+# array compressed into a frame, and an array in a shared-memory segment.
+EXT_COMPRESSED = 5
+EXT_SHARED = 6
 
 # numpy's own limit on dimensions; bounds what a peer can make us allocate.
 _MAX_NDIM = 64

@@ -8,7 +8,8 @@ REPLY header). Both ends build and read these maps with the names defined here a
 nowhere else:
 
 * :class:`Op` — the ops a slot host dispatches (``"step"``, ``"reset"``, ``"get_attr"``,
-  ``"set_attr"``, ``"call"``, ``"is_wrapped"``).
+  ``"set_attr"``, ``"call"``, ``"is_wrapped"``, and ``"shm"``, which maps a client's
+  shared-memory segment: :mod:`remoterl.io.shm`).
 * the field names of requests and replies, as module constants (:data:`ACTIONS` is
   ``"a"``, :data:`MODE` ``"m"``, :data:`REWARDS` ``"rew"``...).
 * the autoreset mode codes a batched step carries in ``"m"`` (:data:`AUTORESET_MODES`,
@@ -34,11 +35,12 @@ from typing import Any
 from remoterl.errors import ProtocolError
 
 __all__ = [
-    "ACTIONS", "ARGS", "AUTORESET_MODES", "BIG", "CALLABLE", "DISABLED", "FINAL", "FORCE", "INFO", "INFOS",
-    "KWARGS", "MAX_WRAPPER_NAME", "MODE", "NAME", "NEXT_STEP", "OBS", "OP", "OPTIONS", "OUTER", "Op", "PROBE",
-    "REWARDS", "SAME_STEP", "SEEDS", "SET", "SINGLE", "STRICT", "TERMINATED", "TRUNCATED", "VALUES", "WRAPPER",
+    "ACTIONS", "ARGS", "AUTORESET_MODES", "BARE", "BIG", "CALLABLE", "COMPRESSION", "DISABLED", "ENDED", "FINAL",
+    "FORCE", "INFO", "INFOS", "KWARGS", "MAX_WRAPPER_NAME", "MODE", "NAME", "NEXT_STEP", "OBS", "OK", "OP",
+    "OPTIONS", "OUTER", "Op", "PROBE", "REWARDS", "SAME_STEP", "SEEDS", "SEGMENT", "SET", "SHARED", "SINGLE",
+    "STRICT", "TERMINATED", "TRUNCATED", "VALUES", "WHY", "WRAPPER",
     "call", "get_attr", "is_module_name", "is_wrapped", "mode_code", "parse_wrapper_name", "reset",
-    "reset_single", "set_attr", "step", "step_single", "values_from_wire", "values_reply", "wrapper_name",
+    "reset_single", "set_attr", "shm", "step", "step_single", "values_from_wire", "values_reply", "wrapper_name",
 ]
 
 
@@ -51,6 +53,7 @@ class Op:
     SET_ATTR = "set_attr"
     CALL = "call"
     IS_WRAPPED = "is_wrapped"
+    SHM = "shm"
 
 
 # The same names as module globals, for the builders: reading a class attribute costs one
@@ -76,6 +79,16 @@ FORCE = "force"        # set_attr: set_wrapper_attr's force
 OUTER = "outer"        # set_attr: setattr on the outermost env object (SB3's set_attr)
 PROBE = "probe"        # get_attr: has_wrapper_attr instead of the value
 WRAPPER = "wrapper"    # is_wrapped: the class name "module:QualName"
+SHARED = "shm"         # any call: the id of the client's segment its big arrays may go to
+SEGMENT = "segment"    # shm: [id, name, size] of the segment to map
+OK = "ok"              # shm reply: whether it is mapped (else "why")
+WHY = "why"
+
+# --- OPEN hosting options ("opts" of an OPEN; the broker passes them to the worker) -------------
+
+BARE = "bare"          # host the env without gymnasium's wrappers (the trainer applies them)
+ENDED = "ended"        # a replacement slot: starts as an env that just ended
+COMPRESSION = "z"      # compress the replies' big arrays: "lz4" or "zstd" (remoterl.wire.compress)
 
 # --- reply fields (§5.3) ---------------------------------------------------------------------
 
@@ -165,6 +178,11 @@ def call(name: str, args: Any = (), kwargs: dict | None = None, *, strict: bool 
 def is_wrapped(wrapper_class: type) -> dict:
     """Whether each slot's env is wrapped by ``wrapper_class``, sent by name (:func:`wrapper_name`)."""
     return {OP: _IS_WRAPPED, WRAPPER: wrapper_name(wrapper_class)}
+
+
+def shm(ident: int, name: str, size: int) -> dict:
+    """Map the client's shared-memory segment ``name`` of ``size`` bytes as ``ident``."""
+    return {OP: Op.SHM, SEGMENT: [ident, name, size]}
 
 
 # --- attribute values (get_attr, call replies) -----------------------------------------------

@@ -22,6 +22,10 @@ them. The array-like ones share one payload layout::
                                ``start``); the frame holds exactly the C-order bytes
     ext 3  numpy scalar        like ext 1 with shape []; decodes to a numpy scalar
     ext 4  tuple               payload = a msgpack array of the items
+    ext 5  ndarray, compressed rest = u32 frame index | u8 algorithm (1 lz4, 2 zstd);
+                               the frame holds the compressed C-order bytes
+    ext 6  ndarray, shared mem rest = u32 segment id | u64 offset; the bytes lie in a
+                               shared-memory segment both ends mapped
 
 ``dtype.str`` (``'<f4'``, ``'>i8'``, ``'|b1'``, ``'<U5'``, ``'<M8[ns]'``) keeps
 the byte order, so dtypes round-trip exactly.
@@ -53,6 +57,17 @@ Rules
   one (a zero dimension, or a dtype of size 0) may span at most 65536 elements,
   zero dimensions counted as 1 (``(2**25, 0)`` is refused, ``(64, 0)`` is not).
 
+Frame sinks
+~~~~~~~~~~~
+:func:`encode` takes an optional ``sink``: called with each array bound for a frame of its
+own, it may place the array elsewhere and return its ext instead (ext 5: the
+worker compresses, :mod:`remoterl.wire.compress`; ext 6: the worker writes it into a
+segment its client mapped, :mod:`remoterl.io.shm`), or return None to send the frame raw.
+:func:`decode` reverses both: compressed arrays are decompressed into fresh buffers
+(bounded: exactly the declared size, at most ``MAX_DECOMPRESSED`` per message), and arrays
+in shared memory are *copied out* of the segment given in ``segments`` (its next reply
+may overwrite it), after checking they lie inside it.
+
 What it does not do
 ~~~~~~~~~~~~~~~~~~~
 - No pickle, ever: arbitrary objects, sets, object arrays and structured dtypes
@@ -78,7 +93,7 @@ that cannot travel, and the nesting limits, are in :mod:`remoterl.wire.unsendabl
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
@@ -86,6 +101,8 @@ import numpy as np
 
 from remoterl.errors import ProtocolError
 from remoterl.wire.arrays import (
+    EXT_COMPRESSED,
+    EXT_SHARED,
     Unsupported,
     inline_array,
     meta_cache,
@@ -93,6 +110,7 @@ from remoterl.wire.arrays import (
     parse_meta,
     scalar,
 )
+from remoterl.wire.compress import MAX_DECOMPRESSED, decompress
 from remoterl.wire.unsendable import MAX_TUPLE_DEPTH, explain
 
 __all__ = ["decode", "encode"]
@@ -102,6 +120,8 @@ _EXT_ARRAY = 1
 _EXT_FRAME = 2
 _EXT_SCALAR = 3
 _EXT_TUPLE = 4
+_EXT_COMPRESSED = EXT_COMPRESSED  # 5, written by remoterl.wire.compress.Compressor
+_EXT_SHARED = EXT_SHARED  # 6, written by remoterl.io.shm's sink
 
 # A thread's packers keep their buffers between calls. Start them small (the
 # default is 256 KiB each, times up to 33 per thread), and drop them after a
@@ -137,12 +157,13 @@ class _Encoder:
     depth ``d``: a tuple's items are packed while its parent's packer is busy.
     """
 
-    __slots__ = ("depth", "frames", "packers", "threshold")
+    __slots__ = ("depth", "frames", "packers", "sink", "threshold")
 
     def __init__(self) -> None:
         self.depth = 0  # 0: idle; n: n packers are busy (outermost + tuples)
         self.frames: list[np.ndarray] = []
         self.threshold = 0
+        self.sink: Callable[[np.ndarray, bytes, list], Any] | None = None
         self.packers: list[msgpack.Packer] = []
 
     def packer(self, depth: int) -> msgpack.Packer:
@@ -173,6 +194,11 @@ class _Encoder:
                     # datetime64/timedelta64 refuse the buffer protocol that
                     # zmq and memoryview use; the same 8 bytes as uint64 do not.
                     frame = frame.view(np.uint64)
+                sink = self.sink
+                if sink is not None and frame.nbytes:
+                    placed = sink(frame, prefix, self.frames)
+                    if placed is not None:
+                        return placed
                 self.frames.append(frame)
                 return _new_tuple(_ExtType, (_EXT_FRAME, prefix + index.to_bytes(4, "little")))
             return _new_tuple(_ExtType, (_EXT_ARRAY, prefix + obj.tobytes()))
@@ -202,7 +228,8 @@ _local = threading.local()
 
 
 def encode(
-    obj: Any, *, name: str = "value", frame_threshold: int = 2048
+    obj: Any, *, name: str = "value", frame_threshold: int = 2048,
+    sink: Callable[[np.ndarray, bytes, list], Any] | None = None,
 ) -> tuple[bytes, list[np.ndarray]]:
     """Pack ``obj`` into a msgpack header plus raw frames for its big arrays.
 
@@ -212,6 +239,11 @@ def encode(
             ``"action"``; the root of the key path.
         frame_threshold: arrays with more than this many bytes go to a frame
             of their own instead of into the header.
+        sink: places such arrays elsewhere (compressed, or in shared memory):
+            ``sink(array, prefix, frames)`` returns the ``msgpack.ExtType`` to pack
+            instead (ext 5 or 6, its payload the prefix and what follows it; a
+            compressed array's bytes appended to ``frames``) or None to send the
+            array as a raw frame (see "Frame sinks" above).
 
     Returns:
         ``(header, frames)``: the header bytes, and the C-contiguous numpy
@@ -233,6 +265,7 @@ def encode(
     frames: list[np.ndarray] = []
     encoder.frames = frames
     encoder.threshold = frame_threshold
+    encoder.sink = sink
     packer = encoder.packer(0)
     encoder.depth = 1
     try:
@@ -246,6 +279,7 @@ def encode(
     finally:
         encoder.depth = 0
         encoder.frames = []  # drop references to the caller's arrays
+        encoder.sink = None
     if len(header) > _PACKER_KEEP_LIMIT:
         encoder.packers.clear()
     return header, frames
@@ -255,7 +289,8 @@ def encode(
 # Decoding
 
 
-def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
+def decode(header: Any, frames: Sequence[Any] = (), start: int = 0,
+           segments: Mapping[int, memoryview] | None = None) -> Any:
     """Rebuild the value that :func:`encode` packed.
 
     Args:
@@ -264,6 +299,8 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
         frames: the message's frames, each bytes-like; a frame reference ``i``
             in the header means ``frames[start + i]``.
         start: index in ``frames`` of the first array frame.
+        segments: the shared-memory segments ext 6 arrays may lie in, by id
+            (None: an ext 6 array is refused).
 
     Returns:
         The value. Arrays that travelled in frames are views onto those frames
@@ -275,20 +312,29 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
         TypeError: ``header`` is not bytes-like (a bug in the caller, not the peer).
     """
     tuple_depth = 0
+    inflated = 0
 
     def ext_hook(code: int, data: bytes) -> Any:
-        nonlocal tuple_depth
+        nonlocal tuple_depth, inflated
         if code == _EXT_ARRAY:
             return inline_array(data)
-        if code == _EXT_FRAME:
+        if code == _EXT_FRAME or code == _EXT_COMPRESSED:
             dtype, shape, nbytes, offset = parse_meta(data)
-            if len(data) - offset != 4:
+            if len(data) - offset != (4 if code == _EXT_FRAME else 5):
                 raise ProtocolError("malformed frame reference")
-            index = int.from_bytes(data[offset:], "little")
+            index = int.from_bytes(data[offset:offset + 4], "little")
             if not 0 <= start + index < len(frames):
                 raise ProtocolError(
                     f"array refers to frame {index} but only {len(frames) - start} were sent"
                 )
+            if code == _EXT_COMPRESSED:
+                inflated += nbytes
+                if inflated > MAX_DECOMPRESSED:
+                    raise ProtocolError(f"compressed arrays of one message decompress to more than "
+                                        f"{MAX_DECOMPRESSED} bytes")
+                if nbytes == 0:
+                    raise ProtocolError("a compressed array must hold data")
+                return np.ndarray(shape, dtype, decompress(data[-1], frames[start + index], nbytes))
             buffer = memoryview(frames[start + index])
             if buffer.nbytes != nbytes:
                 raise ProtocolError(
@@ -298,6 +344,8 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
             if nbytes == 0:
                 return np.empty(shape, dtype)
             return np.ndarray(shape, dtype, buffer)
+        if code == _EXT_SHARED:
+            return _shared_array(data, segments)
         if code == _EXT_SCALAR:
             return scalar(data)
         if code == _EXT_TUPLE:
@@ -325,6 +373,21 @@ def decode(header: Any, frames: Sequence[Any] = (), start: int = 0) -> Any:
         # msgpack raises ValueError subclasses (ExtraData, FormatError,
         # StackError, UnicodeDecodeError) and TypeError (unhashable map key).
         raise ProtocolError(f"malformed message header: {type(exc).__name__}: {exc}") from exc
+
+
+def _shared_array(data: bytes, segments: Mapping[int, memoryview] | None) -> np.ndarray:
+    """An ext 6 array, copied out of its segment (the segment's next use overwrites it)."""
+    dtype, shape, nbytes, offset = parse_meta(data)
+    if len(data) - offset != 12:
+        raise ProtocolError("malformed shared-memory reference")
+    segment = None if segments is None else segments.get(int.from_bytes(data[offset:offset + 4], "little"))
+    if segment is None:
+        raise ProtocolError("an array refers to a shared-memory segment this end has not mapped")
+    at = int.from_bytes(data[offset + 4:], "little")
+    if at + nbytes > segment.nbytes or nbytes == 0:
+        raise ProtocolError(f"a shared-memory array of {nbytes} bytes at {at} does not lie inside "
+                            f"its segment of {segment.nbytes}")
+    return np.ndarray(shape, dtype, bytearray(segment[at:at + nbytes]))
 
 
 def _is_bytes_like(obj: Any) -> bool:
