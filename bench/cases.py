@@ -17,11 +17,12 @@ from measure import (IMAGE_ID, SLOW_ID, BridgedBroker, Figure, Session, closing,
                      env_step_timer, local_vector, median, plural, vector_stepper)
 from failover import case_failover
 from scale import case_scale
+from wan import case_wan
 
 __all__ = ["CASES", "run_case"]
 
 # Case names, in the order they run.
-CASES = ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale", "embedded", "failover", "abuse")
+CASES = ("latency", "throughput", "slow", "bigobs", "ws", "wan", "sb3", "scale", "embedded", "failover", "abuse")
 
 # A broker in its own process with one worker: for the latency case (the floor's topology),
 # kept for the embedded case (which releases it; Session.close does otherwise).
@@ -180,15 +181,19 @@ def case_bigobs(session: Session, note: Callable[[str], None]) -> Iterator[Figur
             obs_bytes = int(np.prod(shape))
             reply_kb = n * obs_bytes // 1000
             with contextlib.ExitStack() as stack:
-                note(f"start: SyncVectorEnv(8), RemoteEnvVec(8) of {label} uint8")
+                note(f"start: SyncVectorEnv(8), AsyncVectorEnv(8), RemoteEnvVec(8) of {label} uint8")
                 local = closing(stack, local_vector("sync", IMAGE_ID, n, shape=shape))
+                async_ = closing(stack, local_vector("async", IMAGE_ID, n, vector_kwargs={"shared_memory": True},
+                                                     shape=shape))
                 remote = closing(stack, RemoteEnvVec(IMAGE_ID, n, client=client, max_workers=1, shape=list(shape)))
                 request = sized_request(n * obs_bytes)
-                note(f"{label}: Sync, RemoteEnvVec, floor, interleaved")
+                note(f"{label}: Sync, Async, RemoteEnvVec, floor, interleaved")
                 rates = compare_rates({"remote": vector_stepper(remote), "local": vector_stepper(local),
+                                       "async": vector_stepper(async_),
                                        "floor": lambda: floor.round_trip_sized(request)},
                                       opts.duration, opts.warmup, opts.rounds)
-            rate, local_rate, floor_rate = (median(rates[k]) * n for k in ("remote", "local", "floor"))
+            rate, local_rate, async_rate, floor_rate = (median(rates[k]) * n
+                                                        for k in ("remote", "local", "async", "floor"))
             mb = obs_bytes / 1e6  # per env-step
             target = ">= 0.5" if shape == (84, 84, 3) else None
             name = f"RemoteEnvVec(8) {label} uint8, 1 worker"
@@ -197,6 +202,8 @@ def case_bigobs(session: Session, note: Callable[[str], None]) -> Iterator[Figur
             yield Figure("bigobs", name, rate * mb, "MB/s", "SyncVectorEnv(8)", local_rate * mb, extra=extra)
             yield Figure("bigobs", name, rate, "env-steps/s", f"raw pyzmq floor, {reply_kb} KB replies", floor_rate,
                          extra=extra)
+            yield Figure("bigobs", f"{name} (the embedded default)", rate, "env-steps/s",
+                         "AsyncVectorEnv(8, shared_memory=True)", async_rate, extra=extra)
 
 
 # --- 5. WebSocket vs tcp ---------------------------------------------------------------------------------
@@ -373,6 +380,7 @@ _CASES: dict[str, Callable[[Session, Callable[[str], None]], Iterator[Figure]]] 
     "slow": case_slow,
     "bigobs": case_bigobs,
     "ws": case_ws,
+    "wan": case_wan,
     "sb3": case_sb3,
     "scale": case_scale,
     "embedded": case_embedded,

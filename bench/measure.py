@@ -175,14 +175,15 @@ def env_step_timer(env: gymnasium.Env, seed: int = 0) -> Callable[[], float]:
     return timed
 
 
-def local_vector(kind: str, env_id: str, n: int, **kwargs: Any) -> gymnasium.vector.VectorEnv:
-    """``SyncVectorEnv`` or ``AsyncVectorEnv`` of ``n`` ``gymnasium.make(env_id)``."""
+def local_vector(kind: str, env_id: str, n: int, *, vector_kwargs: dict | None = None,
+                 **kwargs: Any) -> gymnasium.vector.VectorEnv:
+    """``SyncVectorEnv`` or ``AsyncVectorEnv`` (given ``vector_kwargs``) of ``n`` ``gymnasium.make(env_id)``."""
     if env_id.startswith("RemoteRLBench/"):
         env_id = f"{ENVS_MODULE}:{env_id}"  # importable by Async's child processes, whatever their start method
     fns = [functools.partial(gymnasium.make, env_id, **kwargs)] * n
     if kind == "sync":
-        return gymnasium.vector.SyncVectorEnv(fns)
-    return gymnasium.vector.AsyncVectorEnv(fns)
+        return gymnasium.vector.SyncVectorEnv(fns, **(vector_kwargs or {}))
+    return gymnasium.vector.AsyncVectorEnv(fns, **(vector_kwargs or {}))
 
 
 # --- what the cases share ---------------------------------------------------------------------------
