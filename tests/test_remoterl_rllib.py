@@ -80,6 +80,12 @@ def test_ppo_steps_through_the_broker_one_message_per_worker_per_step(ray_cluste
     assert vec_envs == [("RemoteEnvVec", n, w)] * runners
     sampled = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
     episodes = int(result["env_runners"]["num_episodes_lifetime"])
+    # remoterl's own figures of the iteration, summed (counts) or averaged (ms) over the runners:
+    # every vector step is one call per worker, of n/w env-steps each.
+    figures = result["env_runners"]["remoterl"]
+    assert figures["env_steps"] >= runners * n * 64 and figures["errors"] == 0
+    assert figures["env_steps"] * w <= figures["calls"] * n
+    assert 0 < figures["round_trip_p50_ms"] <= figures["round_trip_p99_ms"]
     assert sampled >= 2 * runners * n * 64
 
     def delta() -> tuple[int, int, int]:
