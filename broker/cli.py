@@ -7,12 +7,12 @@ import logging
 import os
 import signal
 import ssl
-import sys
 import uuid
 from urllib.parse import urlsplit
 
 import click
 
+from remoterl.logs import FORMATS, announce, setup_logging
 from remoterl.wire import protocol as p
 
 __all__ = ["is_loopback", "main"]
@@ -64,10 +64,20 @@ def is_loopback(endpoint: str) -> bool:
               help="Open slots one tenant may hold at once. [default: no limit]")
 @click.option("--max-new-connections", type=click.FloatRange(min=1), default=200.0,
               help="New trainer/worker sessions accepted per second.")
+@click.option("--metrics", default=None, metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics over HTTP: PORT alone listens on 127.0.0.1; give a HOST "
+                   "(e.g. 0.0.0.0:9464) to let other machines scrape. A request with 'Authorization: Bearer "
+                   "KEY' gets that key's tenant's series only. See docs/METRICS.md. [default: off]")
+@click.option("--metrics-tenant-labels", is_flag=True,
+              help="Label the metrics with tenant names (for trusted scrapers only: every scraper of the "
+                   "endpoint sees every tenant's name).")
+@click.option("--log-format", type=click.Choice(FORMATS), default="text",
+              help="Log lines as text, or one JSON object per line (time, level, logger, message, exc).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
 def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_keys: str | None,
          insecure: bool, curve_secret: str | None, ws: str | None, tls_cert: str | None, tls_key: str | None,
-         max_slots_per_tenant: int | None, max_new_connections: float, verbose: int) -> None:
+         max_slots_per_tenant: int | None, max_new_connections: float, metrics: str | None,
+         metrics_tenant_labels: bool, log_format: str, verbose: int) -> None:
     """Route trainers' environment calls to simulator workers.
 
     Start it, then start workers and trainers against its address:
@@ -85,7 +95,13 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_
     from remoterl.io.security import load_api_keys
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level, log_format)
+
+    def say(message: str) -> None:
+        announce("remoterl.broker.cli", message, log_format)
+
+    if metrics_tenant_labels and not metrics:
+        raise click.UsageError("--metrics-tenant-labels needs --metrics")
     keys = None
     if api_keys:
         try:
@@ -123,7 +139,7 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_
                 tls.load_cert_chain(tls_cert, tls_key)
             bridge = WsBridge(host.strip("[]") or "0.0.0.0", int(port), ws_inproc, ssl_context=tls,
                               max_message_size=max_message_size)
-            click.echo(f"remoterl broker WebSocket bridge on {bridge.start()}", err=True)
+            say(f"remoterl broker WebSocket bridge on {bridge.start()}")
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise click.ClickException(f"cannot serve WebSocket on {ws}: {exc}") from exc
 
@@ -140,17 +156,30 @@ def main(bind: str, heartbeat: float, liveness: int, max_message_size: int, api_
         except (OSError, ValueError) as exc:
             logging.getLogger("remoterl.broker").error("SIGHUP: keeping the old API keys: %s", exc)
 
+    server = None
+    if metrics:
+        from remoterl.broker.metrics import broker_metrics_server
+
+        try:
+            server = broker_metrics_server(metrics, broker.core, tenant_labels=metrics_tenant_labels)
+        except (OSError, ValueError) as exc:
+            if bridge is not None:
+                bridge.stop()
+            raise click.ClickException(f"--metrics {metrics}: cannot serve metrics there: {exc}") from exc
+        say(f"remoterl broker metrics on {server.url}")
+
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _reload)
     mode = f"{len(keys)} API keys" if keys else "open (no API keys)"
-    click.echo(f"remoterl broker listening on {url} (heartbeat {heartbeat:g} s, liveness {liveness}; {mode}"
-               f"{'; CURVE' if curve_secret else ''})", err=True)
-    sys.stderr.flush()
+    say(f"remoterl broker listening on {url} (heartbeat {heartbeat:g} s, liveness {liveness}; {mode}"
+        f"{'; CURVE' if curve_secret else ''})")
     broker.run()
     if bridge is not None:
         bridge.stop()  # after the broker, so its DISCONNECTs still reach WebSocket workers
-    click.echo("remoterl broker stopped", err=True)
+    if server is not None:
+        server.close()
+    say("remoterl broker stopped")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ class BrokerCore:
             frames: the rest of the message: ``bytes`` or buffer objects (``zmq.Frame``).
             now: monotonic time in seconds.
         """
-        self.counters["messages_in"] += 1
+        counters = self.counters
+        counters["messages_in"] += 1
         self.outbox.now = now
         if not frames:
             self.outbox.bad(sender, None, "empty message")
@@ -172,6 +173,7 @@ class BrokerCore:
                 self._on_reply(sender, frames, now)
                 return
         size = sum(map(len, frames))
+        counters["bytes_in"] += size  # CALL's and REPLY's: counted by Sessions
         if size > self.config.max_message_size:
             self.outbox.bad(sender, frames, f"message of {size} bytes exceeds the limit of "
                             f"{self.config.max_message_size} bytes", code="too_large")
@@ -203,7 +205,8 @@ class BrokerCore:
             else:
                 raise ProtocolError(f"unknown protocol signature {frame0[:16]!r}")
         except Refusal as exc:  # a well-formed request refused: typed error, not bad input
-            self.counters["refused"] += 1
+            counters["refused"] += 1
+            counters[f"refused_{exc.code}"] += 1
             self._out.append([sender, p.client_frame(C.ERROR),
                               p.encode_header({"r": exc.r, "code": exc.code, "msg": exc.msg})])
         except ProtocolError as exc:

@@ -359,8 +359,10 @@ class Broker:
             return out
         send, local, links = self._sock.send, self._local, self._links.by_peer  # type: ignore[union-attr]
         broken, failed = None, []
+        sent = 0  # message bytes after the routing id (for the metrics), counted once per flush
         for msg in out:
             peer = msg[0]
+            sent += sum(map(len, msg)) - len(peer)
             if local and peer in local:
                 local[peer](msg[1:])
             elif links and peer in links:
@@ -375,6 +377,7 @@ class Broker:
                     if exc.errno != zmq.EHOSTUNREACH:
                         raise
                     failed.append((msg, False))  # no such peer (any more)
+        self.core.counters["bytes_out"] += sent
         for peer in broken or ():
             self._links.drop(peer, "its link broke")
         return failed

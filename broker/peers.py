@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remoterl.broker.base import Outbox, Refusal
+from remoterl.broker.metrics import Histogram
 from remoterl.broker.tenants import Tenants
 from remoterl.errors import ProtocolError
 from remoterl.wire import protocol as p
 from remoterl.wire.protocol import WorkerCommand as W
 
-__all__ = ["Peers", "RLClient", "RLWorker", "check_env_id", "decrement", "peer_name"]
+__all__ = ["CallRoute", "Peers", "RLClient", "RLWorker", "check_env_id", "decrement", "peer_name"]
 
 
 @dataclass(eq=False)
@@ -41,6 +42,11 @@ class RLWorker:
     calls: int = 0
     stats: dict = field(default_factory=dict)
     hb_from: bytes | None = None  # the socket its heartbeats come from (a side socket)
+    # For the metrics (remoterl.broker.metrics): calls by env id, CALL -> REPLY times, and
+    # (last_seen, heartbeat intervals counted as missed since then) for Sessions._count_misses.
+    env_calls: dict = field(default_factory=dict)  # env id -> [calls] (a cell CallRoute counts in)
+    call_time: Histogram = field(default_factory=Histogram)
+    missed: tuple = (0.0, 0)
 
     @property
     def free(self) -> int:
@@ -59,15 +65,33 @@ class RLClient:
     workers: collections.Counter = field(default_factory=collections.Counter)
     inflight: dict = field(default_factory=dict)  # worker id -> calls forwarded, not yet answered
     hb_from: bytes | None = None  # the socket its heartbeats come from (a side socket)
+    routes: dict = field(default_factory=dict)  # worker id -> CallRoute (for the metrics)
+    missed: tuple = (0.0, 0)  # as RLWorker.missed
 
-    def answered(self, worker: bytes) -> None:
-        """One call to ``worker`` is no longer in flight (answered, or undeliverable)."""
+    def answered(self, worker: bytes) -> float | None:
+        """One call to ``worker`` is no longer in flight (answered, or undeliverable); returns
+        when the broker forwarded it (the oldest in flight: a worker answers in order), if known."""
         inflight = self.inflight
         n = inflight.get(worker, 0)
         if n > 1:
             inflight[worker] = n - 1
         else:
             inflight.pop(worker, None)
+        route = self.routes.get(worker)
+        return route.sent.popleft() if route is not None and route.sent else None
+
+
+@dataclass(eq=False)
+class CallRoute:
+    """A client's calls to one worker, as the metrics see them: the env id they are counted
+    under (that of ``slot``, one of the client's slots there, found again once it closes; a
+    client holding slots of two env ids on one worker has its calls there counted under
+    one), and when each call in flight was forwarded, oldest first."""
+
+    slot: int
+    env: str
+    calls: list  # [count]: the worker's env_calls cell for env
+    sent: collections.deque = field(default_factory=collections.deque)
 
 
 class Peers:

@@ -99,8 +99,21 @@ def served(core: BrokerView, name: bytes, tenant: str) -> bool:
     return any(core.workers[w].tenant == tenant for w in core.env_index.get(env_id, ()))
 
 
+def _latency(worker: RLWorker) -> dict:
+    """The worker's CALL -> REPLY time as the broker saw it, in ms: ``p50_ms`` and ``p99_ms``
+    estimated from its histogram (None before its first reply)."""
+    p50, p99 = worker.call_time.quantile(0.5), worker.call_time.quantile(0.99)
+    return {"p50_ms": None if p50 is None else round(p50 * 1000, 3),
+            "p99_ms": None if p99 is None else round(p99 * 1000, 3)}
+
+
 def status(core: BrokerView, tenant: str | None = None) -> dict:
     """A JSON-able snapshot of the broker: workers, services, slots, clients, counters.
+
+    Each remoterl worker's row has ``calls`` (CALLs forwarded to it) and ``p50_ms``/``p99_ms``,
+    its CALL -> REPLY latency as the broker saw it, estimated from the histogram the metrics
+    also serve (``remoterl.broker.metrics``; within a bucket, so a rough figure; None before
+    the first reply).
 
     With ``tenant``, only that tenant's workers, services and clients are listed (and no
     Majordomo peers); a tenant never learns of another's workers. In key mode the counters
@@ -119,6 +132,7 @@ def status(core: BrokerView, tenant: str | None = None) -> dict:
             "capacity": worker.capacity,
             "slots": len(worker.slots),
             "calls": worker.calls,
+            **_latency(worker),
             "stats": {k: v for k, v in worker.stats.items() if isinstance(k, str) and isinstance(v, (int, float))},
         })
     for worker in (core.mdp_workers.values() if core.open_mode else ()):

@@ -16,7 +16,8 @@ Rules
   untouched. A CALL is forwarded only to a worker where the client holds a slot, and
   only while fewer than ``max_calls_in_flight`` of the client's calls to it await
   replies; a REPLY only to a client that holds a slot on the replying worker. Per-worker
-  call counters are the only other work on that path.
+  call counters, and the forwarding time a REPLY turns into a latency (``CallRoute``, read
+  by ``remoterl.broker.metrics``), are the only other work on that path.
 * *Liveness.* Any message from a peer, or a HEARTBEAT naming it (sent from the peer's
   side socket, so a trainer busy in a gradient update stays alive), refreshes it. In
   key mode only a HEARTBEAT with the peer's own key does. A peer silent for
@@ -28,11 +29,12 @@ Rules
 
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
 from remoterl.broker.base import BrokerConfig, Outbox, Refusal, header, try_header
-from remoterl.broker.peers import Peers, RLClient, RLWorker, peer_name
+from remoterl.broker.peers import CallRoute, Peers, RLClient, RLWorker, peer_name
 from remoterl.broker.placement import Placement
 from remoterl.broker.registry import Registry
 from remoterl.broker.tenants import Tenants
@@ -69,6 +71,7 @@ class Sessions:
         self._config = config
         self._outbox = outbox
         self._out = outbox.messages
+        self._counters = outbox.counters
         self._tenants = tenants
         self._peers = peers
         self._workers = peers.workers
@@ -76,17 +79,21 @@ class Sessions:
         self._placement = placement
         self._registry = registry
         self._instance = instance
+        # (peer kind, tenant) -> heartbeat intervals missed (_count_misses; read by the metrics).
+        self.heartbeat_misses: collections.Counter = collections.Counter()
 
     # --- the per-call path -----------------------------------------------------------------------
 
     def on_call(self, sender: bytes, frames: list, now: float) -> None:
         # CALL: [sig, worker, header, *payload]. The header is not decoded here.
         client = self._clients.get(sender)
+        size = sum(map(len, frames))
+        self._counters["bytes_in"] += size  # BrokerCore.receive counts the other messages' bytes
         if len(frames) < 3:
             self._outbox.bad(sender, frames, "CALL needs worker and header frames")
             return
         worker_id = p.as_bytes(frames[1])
-        if sum(map(len, frames)) > self._config.max_message_size:
+        if size > self._config.max_message_size:
             self._outbox.bad(sender, frames, f"CALL exceeds the limit of {self._config.max_message_size} bytes",
                              code="too_large")
             return
@@ -103,11 +110,35 @@ class Sessions:
                 f"{self._config.max_calls_in_flight}); wait for their replies before sending more"))
             return
         inflight[worker_id] = n + 1
-        self._workers[worker_id].calls += 1
+        worker = self._workers[worker_id]
+        worker.calls += 1
+        # For the metrics: the call's env id, and when it left (its REPLY observes the time).
+        route = client.routes.get(worker_id)
+        if route is None or route.slot not in client.slots or (not n and route.sent):
+            route = self._route(client, worker, route, n)
+        route.sent.append(now)
+        route.calls[0] += 1
         self._out.append([worker_id, _W_CALL, sender, *frames[2:]])
+
+    def _route(self, client: RLClient, worker: RLWorker, old: CallRoute | None, inflight: int) -> CallRoute:
+        """The client's :class:`CallRoute` to ``worker``: made, re-aimed at a slot it still holds
+        there, or cleared of calls whose replies were dropped (their slots closed meanwhile)."""
+        slots = self._placement.slots
+        slot = next((slots[s] for s in client.slots if s in slots and slots[s].worker == worker.id), None)
+        sent = old.sent if old is not None else collections.deque()
+        if not inflight:
+            sent.clear()
+        # No slot there cannot happen (on_call checked client.workers); never raise on this path.
+        slot_id, env = (slot.id, slot.env) if slot is not None else (-1, "unknown")
+        cell = worker.env_calls.get(env)
+        if cell is None:
+            cell = worker.env_calls[env] = [0]
+        route = client.routes[worker.id] = CallRoute(slot_id, env, cell, sent)
+        return route
 
     def on_reply(self, sender: bytes, frames: list, now: float) -> None:
         # REPLY: [sig, client, header, *payload] -> client gets [sig, header, *payload].
+        self._counters["bytes_in"] += sum(map(len, frames))
         worker = self._workers.get(sender)
         if worker is None:
             self._peers.unknown_worker(sender, "REPLY")
@@ -124,7 +155,9 @@ class Sessions:
             return
         client = self._clients.get(client_id)  # always there while it holds slots here
         if client is not None:
-            client.answered(sender)
+            sent = client.answered(sender)
+            if sent is not None:
+                worker.call_time.observe(now - sent)
         self._out.append([client_id, _C_REPLY, *frames[2:]])
 
     def _call_refused(self, sender: bytes, frames: list, worker_id: bytes, client: RLClient | None) -> None:
@@ -241,6 +274,7 @@ class Sessions:
         try:
             tenant = self._tenants.admit(fields, now)
         except Refusal as exc:  # a worker has no request id: its ERROR carries the code alone
+            self._counters[f"refused_{exc.code}"] += 1
             self._out.append([sender, p.worker_frame(W.ERROR), p.encode_header({"code": exc.code, "msg": exc.msg})])
             return
         old = self._workers.get(sender)
@@ -269,6 +303,7 @@ class Sessions:
     def expire(self, now: float) -> None:
         """Purge the workers and clients silent for longer than ``heartbeat × liveness``."""
         limit = now - self._config.expiry
+        self._count_misses(now)
         for worker in [w for w in self._workers.values() if w.last_seen < limit]:
             log.warning("worker %s missed its heartbeats; purging it (%d slots)",
                         peer_name(worker.id, worker.info), len(worker.slots))
@@ -280,6 +315,24 @@ class Sessions:
                          len(client.slots))
             self._tenants.count("clients_expired", client.tenant)
             self.drop_client(client)
+
+    def _count_misses(self, now: float) -> None:
+        """Count in :attr:`heartbeat_misses`, by ``(peer kind, tenant)``, the heartbeat intervals
+        each peer has stayed silent past the first: a peer heartbeating on time is never silent
+        for two intervals. Each interval counts once per silence."""
+        heartbeat = self._config.heartbeat
+        misses = self.heartbeat_misses
+        for kind, table in (("worker", self._workers), ("client", self._clients)):
+            for peer in table.values():
+                missed = int((now - peer.last_seen) / heartbeat) - 1
+                if missed <= 0:
+                    continue
+                since, counted = peer.missed
+                if since != peer.last_seen:  # heard from since the last count: a new silence
+                    counted = 0
+                if missed > counted:
+                    misses[kind, peer.tenant] += missed - counted
+                peer.missed = (peer.last_seen, max(missed, counted))
 
     def excuse(self, seconds: float) -> None:
         """Forgive every peer ``seconds`` of silence, and pong their heartbeat sockets

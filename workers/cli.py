@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from remoterl.logs import FORMATS, announce, setup_logging
+
 __all__ = ["main"]
 
 
@@ -47,11 +49,17 @@ __all__ = ["main"]
               help="CPUs each Ray actor asks of Ray (fractions allowed). [default: 1]")
 @click.option("--ray-timeout", type=click.FloatRange(min=1.0), default=None,
               help="Seconds to wait for every Ray actor's worker to register. [default: 300]")
+@click.option("--metrics", default=None, metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics over HTTP: PORT alone listens on 127.0.0.1; give a HOST "
+                   "(e.g. 0.0.0.0:9465) to let other machines scrape. With several processes, process i "
+                   "serves PORT+i. Not with --ray. See docs/METRICS.md. [default: off]")
+@click.option("--log-format", type=click.Choice(FORMATS), default="text",
+              help="Log lines as text, or one JSON object per line (time, level, logger, message, exc).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
 def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, imports: tuple[str, ...],
          allow_import: tuple[str, ...], heartbeat: float, liveness: int, name: str | None, api_key: str | None,
          curve_serverkey: str | None, ray_address: str | None, ray_cpus: float | None, ray_timeout: float | None,
-         verbose: int) -> None:
+         metrics: str | None, log_format: str, verbose: int) -> None:
     """Host environment slots for trainers, through a broker.
 
     \b
@@ -75,7 +83,13 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     from remoterl.workers.runtime import import_modules
 
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(level, log_format)
+
+    def say(message: str) -> None:
+        announce("remoterl.workers.cli", message, log_format)
+
+    if metrics and ray_address is not None:
+        raise click.UsageError("--metrics is not available with --ray")
     if imports and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
     try:
@@ -102,13 +116,15 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     procs = procs or min(n, os.cpu_count() or 1)
     procs = min(procs, n)
     capacities = split_capacity(n, procs)
+    addresses = _metrics_addresses(metrics, procs) if metrics else [None] * procs
     specs = [WorkerSpec(broker, served, cap, list(imports), list(allow_import), heartbeat, liveness,
                         f"{name}-{i}" if name and procs > 1 else name, level, api_key or None,
-                        curve_serverkey or None)
+                        curve_serverkey or None, metrics=addresses[i], log_format=log_format)
              for i, cap in enumerate(capacities)]
     what = ", ".join(env_ids) if env_ids else "every registered env id"
-    click.echo(f"remoterl worker: {n} slots of {what} in {procs} process(es), broker {broker}", err=True)
-    sys.stderr.flush()
+    say(f"remoterl worker: {n} slots of {what} in {procs} process(es), broker {broker}")
+    if metrics:
+        say(f"remoterl worker: metrics on {', '.join(f'http://{a}/metrics' for a in addresses)}")
     if procs == 1:
         try:
             run_worker(specs[0])
@@ -129,6 +145,33 @@ def main(env_ids: tuple[str, ...], n: int, broker: str, procs: int | None, impor
     if code == REFUSED_EXIT_CODE:
         raise click.ClickException("the broker refused the worker processes (see the errors above)")
     sys.exit(code)
+
+
+def _metrics_addresses(metrics: str, procs: int) -> list[str]:
+    """``HOST:PORT+i`` for each worker process, each checked free now (a clear error here
+    rather than a child process failing later)."""
+    import socket
+
+    from remoterl.broker.metrics import parse_address
+
+    try:
+        host, port = parse_address(metrics)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics") from exc
+    if port == 0 or port + procs - 1 > 65535:
+        raise click.BadParameter(f"needs a port from 1 to {65536 - procs} for {procs} process(es)",
+                                 param_hint="--metrics")
+    shown = f"[{host}]" if ":" in host else host
+    addresses = [f"{shown}:{port + i}" for i in range(procs)]
+    for address, p in zip(addresses, range(port, port + procs)):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
+                probe.bind((host, p))
+        except OSError as exc:
+            raise click.ClickException(f"--metrics {metrics}: cannot serve metrics on {address}: {exc}") from exc
+    return addresses
 
 
 def _serve_on_ray(address: str, cpus: float, timeout: float, n: int, procs: int | None, make_spec, broker: str,

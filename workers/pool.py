@@ -48,6 +48,8 @@ class WorkerSpec:
     api_key: str | None = None  # never logged
     curve_serverkey: str | None = None
     link_fd: int | None = None  # one end of a local link to an embedded broker (remoterl.io.link)
+    metrics: str | None = None  # [HOST:]PORT to serve Prometheus metrics on (remoterl.workers.metrics)
+    log_format: str = "text"  # or "json" (remoterl.logs)
 
 
 def split_capacity(n: int, procs: int) -> list[int]:
@@ -83,9 +85,20 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
     from remoterl.io.process import die_with_parent
 
     if parent_pid is not None:
+        from remoterl.logs import setup_logging
+
         die_with_parent(parent_pid)
-        logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        setup_logging(spec.log_level, spec.log_format)
     loop = make_worker_loop(spec)
+    server = None
+    if spec.metrics:
+        from remoterl.workers.metrics import start_worker_metrics
+
+        try:
+            server = start_worker_metrics(spec.metrics, loop)
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve metrics on %s: %s", spec.metrics, exc)
+            raise SystemExit(1) from exc
 
     def _stop(signum: int, _frame: object) -> None:
         loop.stop()
@@ -97,6 +110,9 @@ def run_worker(spec: WorkerSpec, parent_pid: int | None = None) -> None:
     except RemoteRLError as exc:  # the broker refused us (key, limits): restarting will not help
         log.error("%s", exc)
         raise SystemExit(REFUSED_EXIT_CODE) from exc
+    finally:
+        if server is not None:
+            server.close()
 
 
 class WorkerPool:

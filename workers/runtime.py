@@ -117,6 +117,13 @@ class SlotHost:
             Op.IS_WRAPPED: attrs.is_wrapped,
         }
 
+    def wrap_ops(self, wrap: Callable[[str, Callable[[list[Slot], dict], dict]], Callable[[list[Slot], dict], dict]]
+                 ) -> None:
+        """Replace each op's handler with ``wrap(op name, handler)``: how ``--metrics``
+        (:mod:`remoterl.workers.metrics`) times the ops, so a host without it pays nothing."""
+        for name, handler in list(self._ops.items()):
+            self._ops[name] = wrap(name, handler)
+
     # --- what the broker is told ------------------------------------------------------------
 
     def served(self) -> list[str]:
