@@ -136,9 +136,11 @@ class RemoteEnv(gymnasium.Env):
         """Re-open this env's slot on a worker still serving the id (``on_worker_lost="truncate"``)."""
         old = self._clients.client
         bound = self._timeout if self._timeout is not None else old.timeout
+        if old.lost is None and not old.closed:
+            # Forgotten before the re-open: a restarted broker numbers slots afresh, and the
+            # replacement may get this very id.
+            old.close_slots(self._slots)
         opened = reopen(self._clients, self.env_id, 1, self._kwargs, self._opts, bound, why)
-        if self._clients.client is old:
-            old.close_slots(self._slots)  # the lost slot is just forgotten
         self._client = self._clients.client
         self._slot, self._worker = opened.slots[0], opened.workers[0]
         self._slots = [self._slot]

@@ -114,6 +114,10 @@ class VectorFailover:
         old = self._clients.client
         if old.lost is not None or old.closed:
             lost.update(range(self.num_envs))
+        else:
+            # Forgotten before the re-open, not after: a restarted broker numbers slots afresh,
+            # so a replacement may get the very id of a lost slot (and closing it would close it).
+            old.close_slots([self._env_slots[i] for i in sorted(lost)])
 
         def on_new_client(_client: Any) -> None:
             lost.update(range(self.num_envs))  # the old session's slots are all gone
@@ -127,8 +131,6 @@ class VectorFailover:
                 break
             self._clients.client.close_slots(opened.slots)  # the client changed meanwhile: all envs
         envs = sorted(lost)
-        if self._clients.client is old:
-            old.close_slots([self._env_slots[i] for i in envs])  # lost slots are just forgotten
         self._client = self._clients.client
         workers, slots = list(self._env_workers), list(self._env_slots)
         # Sorted by worker: each worker's replacements are consecutive envs, one group per step.

@@ -220,3 +220,30 @@ def test_sb3_ppo_learn_finishes_across_a_worker_death(broker_and_two_workers, br
         venv.close()
     assert watch.steps >= 3 * 64
     assert watch.flagged == watch.lost > 0, "the lost worker's envs were truncated, once each"
+
+
+def test_broker_restart_noticed_by_a_call_first_reuses_no_slot_id(procs, broker_url):
+    # The client has not noticed the restart (its heartbeat thread is stopped): the first step
+    # after it is refused (worker_lost: an unknown session), and the replacements open on the
+    # same client, where the new broker numbers slots from 1 again, as the lost ones were.
+    broker = start_broker(procs, broker_url, *BEATS)
+    start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", str(2 * N), "--procs", "1", expect=1)
+    with Client(broker_url).connect() as client:
+        client._hb_stop.set()
+        client._hb_thread.join(T)
+        envs = RemoteEnvVec("CartPole-v1", N, client=client, on_worker_lost="truncate", timeout=3 * T)
+        old_slots = list(envs._env_slots)
+        envs.reset(seed=0)
+        envs.step(np.zeros(N, dtype=np.int64))
+        broker.signal(signal.SIGKILL)
+        broker.wait()
+        start_broker(procs, broker_url, *BEATS)
+        wait_for(lambda: len(status(broker_url)["workers"]) == 1, what="the worker to register again")
+        flagged = np.zeros(N, dtype=int)
+        for _ in range(4):
+            _, _, _, trunc, info = envs.step(np.zeros(N, dtype=np.int64))
+            flagged += _lost_flags(info)
+        assert flagged.tolist() == [1] * N
+        assert sorted(envs._env_slots) == sorted(old_slots), "the new broker gave out the same ids"
+        assert status(broker_url)["open_slots"] == N
+        envs.close()
