@@ -1,13 +1,15 @@
-"""``remoterl``: commands for users (``status``; more come with later releases)."""
+"""``remoterl``: commands for users (``status``, ``top``, ``bench``, ``keygen``, ``demo``)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import click
 
 from remoterl.client.status import fetch_status
+from remoterl.logs import FORMATS, setup_logging
 
 __all__ = ["main"]
 
@@ -20,27 +22,79 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="remoterl")
-def main() -> None:
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="Log lines as text, or one JSON object per line (time, level, logger, message, exc).")
+@click.option("-v", "--verbose", count=True, help="More logging (-v: info, -vv: debug).")
+def main(log_format: str, verbose: int) -> None:
     """remoterl: run RL environments on remote simulators."""
+    setup_logging(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG, log_format)
+
+
+def _broker_options(func):
+    """The options every command that asks a broker for its status takes."""
+    for option in reversed([
+        click.option("--broker", default=lambda: os.environ.get("REMOTERL_BROKER", "tcp://127.0.0.1:5555"),
+                     show_default="$REMOTERL_BROKER or tcp://127.0.0.1:5555", help="The broker's address."),
+        click.option("--timeout", type=float, default=5.0, show_default=True,
+                     help="Seconds to wait for the broker (each refresh, with --watch)."),
+        click.option("--api-key", default=lambda: os.environ.get("REMOTERL_API_KEY"),
+                     show_default="$REMOTERL_API_KEY",
+                     help="Your key, for a broker that requires keys (you see your tenant only)."),
+        click.option("--curve-serverkey", default=lambda: os.environ.get("REMOTERL_CURVE_SERVERKEY"),
+                     show_default="$REMOTERL_CURVE_SERVERKEY",
+                     help="The broker's CURVE public key (z85 text or its broker.key file), if it uses CURVE."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _watch_options(func):
+    """The options of the live view (``status --watch``, ``top``)."""
+    for option in reversed([
+        click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+                     help="Seconds between refreshes."),
+        click.option("--count", type=click.IntRange(min=1), default=None,
+                     help="Show this many frames, then exit (1 if the broker never answered)."),
+        click.option("--once", is_flag=True, help="Show one frame and exit (--count 1)."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _watch(broker: str, timeout: float, api_key: str | None, curve_serverkey: str | None,
+           interval: float, count: int | None, once: bool) -> None:
+    from remoterl.errors import AuthenticationError, BrokerUnavailableError
+    from remoterl.top import watch
+
+    fetch = lambda: fetch_status(broker, timeout, api_key=api_key, curve_serverkey=curve_serverkey)  # noqa: E731
+    try:
+        code = watch(fetch, broker, interval=interval, count=1 if once else count,
+                     unreachable=(BrokerUnavailableError,))
+    except (AuthenticationError, ValueError) as exc:  # a wrong key or URL stays wrong: no retrying
+        raise click.ClickException(str(exc)) from exc
+    if code:
+        raise SystemExit(code)
 
 
 @main.command()
-@click.option("--broker", default=lambda: os.environ.get("REMOTERL_BROKER", "tcp://127.0.0.1:5555"),
-              show_default="$REMOTERL_BROKER or tcp://127.0.0.1:5555", help="The broker's address.")
+@_broker_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker.")
-@click.option("--api-key", default=lambda: os.environ.get("REMOTERL_API_KEY"), show_default="$REMOTERL_API_KEY",
-              help="Your key, for a broker that requires keys (you see your tenant only).")
-@click.option("--curve-serverkey", default=lambda: os.environ.get("REMOTERL_CURVE_SERVERKEY"),
-              show_default="$REMOTERL_CURVE_SERVERKEY",
-              help="The broker's CURVE public key (z85 text or its broker.key file), if it uses CURVE.")
-def status(broker: str, as_json: bool, timeout: float, api_key: str | None, curve_serverkey: str | None) -> None:
-    """Show a broker's workers, services, open slots and call counts."""
+@click.option("--watch", is_flag=True,
+              help="A live view, refreshed every --interval: workers, slots, calls/s, steps/s, latency, errors.")
+@_watch_options
+def status(broker: str, as_json: bool, timeout: float, api_key: str | None, curve_serverkey: str | None,
+           watch: bool, interval: float, count: int | None, once: bool) -> None:
+    """Show a broker's workers, services, open slots and call counts (live with --watch)."""
     from remoterl.errors import AuthenticationError, BrokerUnavailableError
 
+    if watch or once or count is not None:  # --count and --once only make sense live: they imply --watch
+        if as_json:
+            raise click.UsageError("--json prints one snapshot: it cannot be combined with --watch/--count/--once")
+        _watch(broker, timeout, api_key, curve_serverkey, interval, count, once)
+        return
     try:
         snap = fetch_status(broker, timeout, api_key=api_key, curve_serverkey=curve_serverkey)
-    except (BrokerUnavailableError, AuthenticationError) as exc:
+    except (BrokerUnavailableError, AuthenticationError, ValueError) as exc:  # ValueError: a bad URL
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(json.dumps(snap, indent=2))
@@ -57,6 +111,15 @@ def status(broker: str, as_json: bool, timeout: float, api_key: str | None, curv
     click.echo()
     srows = [[s["name"], s["kind"], s["workers"], s.get("free_slots", s.get("queued", ""))] for s in snap["services"]]
     click.echo(_table(srows, ["SERVICE", "KIND", "WORKERS", "FREE SLOTS / QUEUED"]) if srows else "no services")
+
+
+@main.command()
+@_broker_options
+@_watch_options
+def top(broker: str, timeout: float, api_key: str | None, curve_serverkey: str | None,
+        interval: float, count: int | None, once: bool) -> None:
+    """A live view of a broker (the same as `remoterl status --watch`); Ctrl-C quits."""
+    _watch(broker, timeout, api_key, curve_serverkey, interval, count, once)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

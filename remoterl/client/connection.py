@@ -151,7 +151,7 @@ class Client:
         if connected is None:
             raise BrokerUnavailableError(
                 f"no remoterl broker answered at {self.url} within {self.connect_timeout:g} s: "
-                f"{no_answer_hint(self.url, seen)}. Start one with: remoterl-broker --bind {self.url}  "
+                f"{no_answer_hint(self.url, seen)} Start one with: remoterl-broker --bind {self.url}  "
                 f"(or call remoterl.init() without a broker URL to use an embedded one)")
         sock, self._plain = connected
         self._transport = ZmqTransport(sock)

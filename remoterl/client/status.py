@@ -39,7 +39,7 @@ def fetch_status(url: str, timeout: float = 5.0, api_key: str | None = None,
                                api_key=api_key, serverkey=curve_serverkey or curve_serverkey_from_env(), seen=seen)
     if connected is None:
         raise BrokerUnavailableError(
-            f"no remoterl broker answered at {url} within {timeout:g} s: {no_answer_hint(url, seen)}. "
+            f"no remoterl broker answered at {url} within {timeout:g} s: {no_answer_hint(url, seen)} "
             f"Start one with: remoterl-broker --bind {url}")
     sock = connected[0]
     try:

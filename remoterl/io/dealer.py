@@ -115,7 +115,8 @@ def connect_dealer(context: Any, url: str, endpoint: str, first: list, timeout: 
 
 
 def no_answer_hint(url: str, seen: set[str]) -> str:
-    """What to check when nothing answered at ``url``, from what :func:`connect_dealer` saw."""
+    """What to check when nothing answered at ``url``, from what :func:`connect_dealer` saw
+    (whole sentences, ending in their own punctuation)."""
     where = url.split("://", 1)[-1]
     if "handshake" in seen:
         return (f"a ZeroMQ peer at {where} took the connection but did not answer as a remoterl broker: is it "
@@ -123,13 +124,13 @@ def no_answer_hint(url: str, seen: set[str]) -> str:
                 f"overloaded or stopped (`remoterl status --broker {url}`)?")
     if "connected" in seen:
         return (f"something at {where} accepted the connection but does not speak ZeroMQ: if it is the "
-                f"broker's WebSocket bridge (--ws), use ws://{where}; else check the port")
+                f"broker's WebSocket bridge (--ws), use ws://{where}; else check the port.")
     if "refused" in seen:
         return (f"nothing accepts connections at {where} (connection refused): is remoterl-broker running "
                 f"there, and is this the port of its --bind (default 5555)?")
     if url.startswith(("tcp://", "ipc://")):
         return (f"no connection to {where} could be made: check the host name, the network path and firewalls "
-                f"between here and the broker")
+                f"between here and the broker.")
     return f"is a broker serving {url}?"
 
 
