@@ -106,8 +106,10 @@ def status(broker: str, as_json: bool, timeout: float, api_key: str | None, curv
         served = ", ".join(w.get("envs", [])) or w.get("service", "")
         slots = f"{w['slots']}/{w['capacity']}" if "capacity" in w else "-"
         steps = w.get("stats", {}).get("steps", "-")
-        rows.append([w["id"][:12], w.get("name", ""), w["kind"], served, slots, w["calls"], steps])
-    click.echo(_table(rows, ["WORKER", "NAME", "KIND", "SERVES", "SLOTS", "CALLS", "STEPS"]) if rows else "no workers")
+        p50, p99 = (f"{w[k]:.2f}" if w.get(k) is not None else "-" for k in ("p50_ms", "p99_ms"))
+        rows.append([w["id"][:12], w.get("name", ""), w["kind"], served, slots, w["calls"], steps, p50, p99])
+    click.echo(_table(rows, ["WORKER", "NAME", "KIND", "SERVES", "SLOTS", "CALLS", "STEPS", "P50 MS", "P99 MS"])
+               if rows else "no workers")
     click.echo()
     srows = [[s["name"], s["kind"], s["workers"], s.get("free_slots", s.get("queued", ""))] for s in snap["services"]]
     click.echo(_table(srows, ["SERVICE", "KIND", "WORKERS", "FREE SLOTS / QUEUED"]) if srows else "no services")

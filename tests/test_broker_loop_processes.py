@@ -163,6 +163,7 @@ def test_status_cli(two_workers, broker_url):
                          timeout=T)
     assert out.returncode == 0, out.stderr
     assert "w0" in out.stdout and "w1" in out.stdout and "CartPole-v1" in out.stdout
+    assert "P50 MS" in out.stdout and "P99 MS" in out.stdout  # "-" until a worker answered a call
     bad = subprocess.run([*cli("remoterl"), "status", "--broker", "tcp://127.0.0.1:1", "--timeout", "0.5"],
                          capture_output=True, text=True, timeout=T)
     assert bad.returncode != 0 and "remoterl-broker --bind" in bad.stderr
