@@ -16,13 +16,15 @@ import numpy as np
 from measure import (IMAGE_ID, SLOW_ID, BridgedBroker, Figure, Session, closing, compare_latencies, compare_rates,
                      env_step_timer, local_vector, median, plural, vector_stepper)
 from failover import case_failover
+from metrics_case import case_metrics
 from scale import case_scale
 from wan import case_wan
 
 __all__ = ["CASES", "run_case"]
 
 # Case names, in the order they run.
-CASES = ("latency", "throughput", "slow", "bigobs", "ws", "wan", "sb3", "scale", "embedded", "failover", "abuse")
+CASES = ("latency", "throughput", "slow", "bigobs", "ws", "wan", "sb3", "scale", "embedded", "failover", "abuse",
+         "metrics")
 
 # A broker in its own process with one worker: for the latency case (the floor's topology),
 # kept for the embedded case (which releases it; Session.close does otherwise).
@@ -386,4 +388,5 @@ _CASES: dict[str, Callable[[Session, Callable[[str], None]], Iterator[Figure]]] 
     "embedded": case_embedded,
     "failover": case_failover,
     "abuse": case_abuse,
+    "metrics": case_metrics,
 }

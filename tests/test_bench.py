@@ -62,7 +62,7 @@ def test_quick_run_produces_every_figure(tmp_path, run):
     # Each target of issue 5 has its row, with numbers: every feature it measures exists now
     # (SB3 is an optional extra: without it, the sb3 row says how to install it).
     has_sb3 = importlib.util.find_spec("stable_baselines3") is not None
-    for case in ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale"):
+    for case in ("latency", "throughput", "slow", "bigobs", "ws", "sb3", "scale", "metrics"):
         rows = [f for f in figures if f["case"] == case and f["target"]]
         assert rows, case
         if case == "sb3" and not has_sb3:
@@ -70,6 +70,10 @@ def test_quick_run_produces_every_figure(tmp_path, run):
             continue
         for f in rows:
             assert f["na"] is None and isinstance(f["passed"], bool), f
+    # The metrics case scraped both endpoints of its metrics-on deployment while measuring.
+    for f in (f for f in figures if f["case"] == "metrics"):
+        assert f["extra"]["scrapes"]["broker"] >= 1 and f["extra"]["scrapes"]["worker"] >= 1, f
+        assert f["extra"]["series_last_scrape"]["broker"] > 0 and f["extra"]["series_last_scrape"]["worker"] > 0, f
     # The table went to stdout with every case in it.
     for case in run.CASES:
         assert f"| {case}" in proc.stdout, case
