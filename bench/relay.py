@@ -17,7 +17,9 @@ bytes arrive ``delay_ms`` after they left.
   ``size × 8 / rate`` seconds (serialization, the bandwidth cap) and the piece arrives
   ``delay`` later (propagation). Without ``--mbit`` serialization costs nothing.
 * A writer thread writes the pieces in the order they were read, each not before its
-  instant. Order is kept because the instants never decrease.
+  instant (it sleeps until just before it and yields the last 0.3 ms, so the delay is what
+  was asked for, not that plus a sleep's overshoot). Order is kept because the instants never
+  decrease.
 * At most ``--buffer-kb`` per direction wait in between; a reader with no room blocks, so
   TCP's own flow control pushes back on the sender, as a full router queue would (nothing
   is dropped). An end of stream travels the same way and then shuts the far side's writing
@@ -53,6 +55,9 @@ __all__ = ["Relay", "main", "parse_args"]
 
 _READ = 64 * 1024
 _PIECE = 16 * 1024  # the pacing quantum: 1.3 ms at 100 Mbit/s
+# A writer sleeps until this long before a piece's instant, then yields until it (a sleep on a
+# loaded VM wakes 0.1-0.3 ms late, which the delay would otherwise grow by, twice per round trip).
+_SPIN = 0.0003
 _EOF = b""
 
 
@@ -121,9 +126,11 @@ class _Direction:
                     due, piece = self._queue.popleft()
                     self._queued -= len(piece)
                     self._cond.notify_all()
-                wait = due - clock()
+                wait = due - clock() - _SPIN
                 if wait > 0:
                     sleep(wait)
+                while clock() < due:  # the last stretch: a sleep overshoots by 0.1 ms or more
+                    sleep(0)
                 if piece is _EOF:
                     self.dst.shutdown(socket.SHUT_WR)
                     return
