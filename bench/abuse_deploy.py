@@ -13,31 +13,15 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 from abuse_session import ENV_ID
+from measure import CHILD, free_port
 
 __all__ = ["Deployment"]
-
-# A child process: die with this one (PR_SET_PDEATHSIG), then run a module as __main__.
-_CHILD = ("import runpy, sys\n"
-          "from remoterl.io.process import die_with_parent\n"
-          "die_with_parent(int(sys.argv[1]))\n"
-          "module = sys.argv[2]\n"
-          "sys.argv = [module, *sys.argv[3:]]\n"
-          "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
-
-
-def _free_port() -> int:
-    """A tcp port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Deployment:
     """``remoterl-broker --bind tcp://127.0.0.1:PORT --api-keys FILE`` (plus ``--ws`` when
@@ -50,8 +34,8 @@ class Deployment:
         self.ws, self.slots, self.heartbeat, self.liveness = ws, slots, heartbeat, liveness
         self.key = "k-" + secrets.token_hex(16)
         self.other_key = "k-" + secrets.token_hex(16)
-        self.tcp_url = f"tcp://127.0.0.1:{_free_port()}"
-        self.ws_url = f"ws://127.0.0.1:{_free_port()}" if ws else None
+        self.tcp_url = f"tcp://127.0.0.1:{free_port()}"
+        self.ws_url = f"ws://127.0.0.1:{free_port()}" if ws else None
         self.broker: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self._dir = tempfile.mkdtemp(prefix="remoterl-abuse-")
@@ -68,7 +52,7 @@ class Deployment:
         path = os.pathsep.join(q for q in sys.path if q and os.path.isdir(q))
         log = self._logs[name] = os.path.join(self._dir, f"{name}.log")
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(os.getpid()), module, *args],
+            proc = subprocess.Popen([sys.executable, "-c", CHILD, str(os.getpid()), module, *args],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, "PYTHONPATH": path, **(env or {})}, start_new_session=True)
         self._procs.append(proc)

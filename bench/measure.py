@@ -19,6 +19,7 @@ import functools
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,9 +30,9 @@ from typing import Any, Callable
 import gymnasium
 import numpy as np
 
-__all__ = ["ENVS_MODULE", "BridgedBroker", "Figure", "HERE", "IMAGE_ID", "Options", "SLOW_ID", "Session",
+__all__ = ["CHILD", "ENVS_MODULE", "BridgedBroker", "Figure", "HERE", "IMAGE_ID", "Options", "SLOW_ID", "Session",
            "closing", "compare_latencies", "compare_rates", "env_step_timer", "local_vector", "median", "plural",
-           "vector_stepper"]
+           "vector_stepper", "free_port"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENVS_MODULE = "remoterl_bench_envs"  # registers the bench env ids; workers import it too
@@ -358,6 +359,23 @@ def _serve_bridged(parent_pid: int, heartbeat: float, liveness: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: broker.stop(join=False))
     broker.run()
     bridge.stop()
+
+
+# A child process: die with this one (PR_SET_PDEATHSIG), then run a module as __main__:
+# [sys.executable, "-c", CHILD, str(os.getpid()), module, *args].
+CHILD = ("import runpy, sys\n"
+         "from remoterl.io.process import die_with_parent\n"
+         "die_with_parent(int(sys.argv[1]))\n"
+         "module = sys.argv[2]\n"
+         "sys.argv = [module, *sys.argv[3:]]\n"
+         "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
+
+
+def free_port() -> int:
+    """A tcp port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def plural(n: int, one: str, many: str | None = None) -> str:

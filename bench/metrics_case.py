@@ -26,7 +26,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import time
 import urllib.request
 from typing import Any, Callable, Iterator
 
-from measure import Figure, Session, closing, compare_rates, median, vector_stepper
+from measure import CHILD, Figure, Session, closing, compare_rates, free_port, median, vector_stepper
 
 __all__ = ["case_metrics"]
 
@@ -44,22 +43,6 @@ _SIZES = (8, 64)
 _SLOTS = sum(_SIZES)  # both vectors open on each worker at once
 _SCRAPE_EVERY = 1.0  # seconds, as a Prometheus scrape_interval
 _START_TIMEOUT = 30.0  # seconds for a deployment to register its worker and serve its metrics
-
-# A child process: die with this one (PR_SET_PDEATHSIG), then run a module as __main__.
-_CHILD = ("import runpy, sys\n"
-          "from remoterl.io.process import die_with_parent\n"
-          "die_with_parent(int(sys.argv[1]))\n"
-          "module = sys.argv[2]\n"
-          "sys.argv = [module, *sys.argv[3:]]\n"
-          "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
-
-
-def _free_port() -> int:
-    """A tcp port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _get(url: str, timeout: float) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -77,9 +60,9 @@ class _Deployment:
 
     def __init__(self, name: str, metrics: bool) -> None:
         self.name = name
-        self.url = f"tcp://127.0.0.1:{_free_port()}"
-        self.endpoints = ({"broker": f"http://127.0.0.1:{_free_port()}/metrics",
-                           "worker": f"http://127.0.0.1:{_free_port()}/metrics"} if metrics else {})
+        self.url = f"tcp://127.0.0.1:{free_port()}"
+        self.endpoints = ({"broker": f"http://127.0.0.1:{free_port()}/metrics",
+                           "worker": f"http://127.0.0.1:{free_port()}/metrics"} if metrics else {})
         self._dir = tempfile.mkdtemp(prefix=f"remoterl-bench-metrics-{name}-")
         self._procs: dict[str, subprocess.Popen] = {}
 
@@ -90,7 +73,7 @@ class _Deployment:
         path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         with open(os.path.join(self._dir, f"{role}.log"), "wb") as log:
             self._procs[role] = subprocess.Popen(
-                [sys.executable, "-c", _CHILD, str(os.getpid()), module, *args], stdin=subprocess.DEVNULL,
+                [sys.executable, "-c", CHILD, str(os.getpid()), module, *args], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": path},
                 start_new_session=True)
 
