@@ -247,3 +247,26 @@ def test_broker_restart_noticed_by_a_call_first_reuses_no_slot_id(procs, broker_
         assert sorted(envs._env_slots) == sorted(old_slots), "the new broker gave out the same ids"
         assert status(broker_url)["open_slots"] == N
         envs.close()
+
+
+def test_remote_env_after_a_broker_restart_noticed_by_a_step_first(procs, broker_url):
+    from remoterl import RemoteEnv
+
+    broker = start_broker(procs, broker_url, *BEATS)
+    start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", "4", "--procs", "1", expect=1)
+    with Client(broker_url).connect() as client:
+        client._hb_stop.set()  # as in the vector's test above: the client has not noticed yet
+        client._hb_thread.join(T)
+        env = RemoteEnv("CartPole-v1", client=client, on_worker_lost="truncate", timeout=3 * T)
+        env.reset(seed=0)
+        env.step(0)
+        broker.signal(signal.SIGKILL)
+        broker.wait()
+        start_broker(procs, broker_url, *BEATS)
+        wait_for(lambda: len(status(broker_url)["workers"]) == 1, what="the worker to register again")
+        _, _, _, truncated, info = env.step(0)
+        assert truncated and info[FLAG]
+        env.reset(seed=1)
+        env.step(1)  # the replacement (which got the lost slot's id) is still open
+        assert status(broker_url)["open_slots"] == 1
+        env.close()
