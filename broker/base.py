@@ -43,6 +43,11 @@ class BrokerConfig:
     # A vector env has one in flight per worker; the bound is what keeps a flooding client
     # from queueing thousands of calls ahead of everyone else's at a shared worker.
     max_calls_in_flight: int = 64
+    # The first slot id this broker hands out (then +1 each). None: 1 in the sans-I/O core, and a
+    # random base per broker process (remoterl.broker.loop.Broker picks one), so a restarted
+    # broker never hands out ids its previous instance gave: a client still holding those (it
+    # has not noticed the restart yet) can never close or call a new slot by a stale id.
+    first_slot: int | None = None
     # Majordomo requests waiting for a worker, across all services: a count, a byte budget, and
     # each client's share of the bytes (clients are served round robin within a service).
     max_queued_requests: int = 200_000

@@ -69,7 +69,9 @@ contexts (``Broker(..., context=zmq.Context())``); binding the second raises.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
 import threading
 import time
 from typing import Any, Callable
@@ -120,6 +122,10 @@ class Broker:
         self.also = also
         self.curve_secret = curve_secret
         self.config = config or BrokerConfig()
+        if self.config.first_slot is None:
+            # Slot ids no other instance of this broker gave out (BrokerConfig.first_slot): a
+            # random 31-bit prefix, then 2**20 ids of its own (still exact as JSON numbers).
+            self.config = dataclasses.replace(self.config, first_slot=(secrets.randbelow(1 << 31) << 20) + 1)
         self.core = BrokerCore(self.config, time.monotonic(), wall_started=time.time())
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None

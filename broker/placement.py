@@ -84,7 +84,7 @@ class Placement:
         self._tenants = tenants
         self._peers = peers
         self._request_ids = request_ids
-        self._next_slot = 1
+        self._next_slot = config.first_slot or 1
 
     # --- OPEN ------------------------------------------------------------------------------------
 

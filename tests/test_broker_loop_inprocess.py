@@ -230,3 +230,15 @@ def test_link_worker_killed_during_a_wait_fails_the_wait():
         local.close()
     finally:
         slow_heartbeats.close()
+
+
+def test_each_broker_instance_numbers_slots_afresh():
+    # A restarted broker must not hand out the ids its previous instance gave (a client that
+    # has not noticed the restart still holds them); the sans-I/O core starts at 1.
+    from remoterl.broker.core import BrokerConfig, BrokerCore
+    from remoterl.broker.loop import Broker
+
+    firsts = {Broker("tcp://127.0.0.1:*").config.first_slot for _ in range(3)}
+    assert len(firsts) == 3 and 1 not in firsts and all(f < 2**53 for f in firsts)
+    assert BrokerCore(BrokerConfig(), 0.0).placement._next_slot == 1
+    assert Broker("tcp://127.0.0.1:*", BrokerConfig(first_slot=7)).config.first_slot == 7

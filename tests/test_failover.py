@@ -225,7 +225,9 @@ def test_sb3_ppo_learn_finishes_across_a_worker_death(broker_and_two_workers, br
 def test_broker_restart_noticed_by_a_call_first_reuses_no_slot_id(procs, broker_url):
     # The client has not noticed the restart (its heartbeat thread is stopped): the first step
     # after it is refused (worker_lost: an unknown session), and the replacements open on the
-    # same client, where the new broker numbers slots from 1 again, as the lost ones were.
+    # same client. (A restarted broker numbered slots from 1 again, as the lost ones were, and
+    # the replacements were closed with them; now its ids are new, and lost slots are
+    # forgotten before re-opening anyway.)
     broker = start_broker(procs, broker_url, *BEATS)
     start_worker(procs, broker_url, "--env", "CartPole-v1", "-n", str(2 * N), "--procs", "1", expect=1)
     with Client(broker_url).connect() as client:
@@ -244,7 +246,7 @@ def test_broker_restart_noticed_by_a_call_first_reuses_no_slot_id(procs, broker_
             _, _, _, trunc, info = envs.step(np.zeros(N, dtype=np.int64))
             flagged += _lost_flags(info)
         assert flagged.tolist() == [1] * N
-        assert sorted(envs._env_slots) == sorted(old_slots), "the new broker gave out the same ids"
+        assert not set(envs._env_slots) & set(old_slots), "a restarted broker gives out new ids"
         assert status(broker_url)["open_slots"] == N
         envs.close()
 
@@ -267,6 +269,6 @@ def test_remote_env_after_a_broker_restart_noticed_by_a_step_first(procs, broker
         _, _, _, truncated, info = env.step(0)
         assert truncated and info[FLAG]
         env.reset(seed=1)
-        env.step(1)  # the replacement (which got the lost slot's id) is still open
+        env.step(1)  # the replacement is still open
         assert status(broker_url)["open_slots"] == 1
         env.close()
