@@ -74,6 +74,7 @@ def test_quick_run_produces_every_figure(tmp_path, run):
     for f in (f for f in figures if f["case"] == "metrics"):
         assert f["extra"]["scrapes"]["broker"] >= 1 and f["extra"]["scrapes"]["worker"] >= 1, f
         assert f["extra"]["series_last_scrape"]["broker"] > 0 and f["extra"]["series_last_scrape"]["worker"] > 0, f
+        assert len(f["extra"]["ratio_per_pair"]) == f["extra"]["pairs"] == len(f["extra"]["cpu_ms_per_1000_env_steps"])
     # The table went to stdout with every case in it.
     for case in run.CASES:
         assert f"| {case}" in proc.stdout, case
